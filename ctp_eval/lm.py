@@ -1,0 +1,220 @@
+"""`ctp`: lm-eval's HFLM with a (compressed) model and a soft prompt prepended to every input.
+
+Only what changes is overridden (pattern of lm-eval's `hf_steered.py`):
+  * `max_length`  - the model window minus k, so prompt + text always fits; lm-eval's own truncation and
+                    rolling windows then work unchanged.
+  * `_model_call` - logits aligned to `inps` exactly as without a prompt (text tokens only are scored).
+  * `_model_generate` - prefix cache + k mask ones + ids that start with the context, as HFLM expects.
+  * `loglikelihood_rolling` - only to route the paper-protocol perplexity tasks (`ctp_*`) to `ctp_eval.ppl`.
+
+The prompt is the same for every request, so its key/value states are computed once (`prefix_kv`) and handed
+to the model as a ready cache for every batch, instead of re-encoding k extra positions per sequence
+(`prompt_mode=prepend` keeps the plain concat-embeddings path as a reference; tests check they agree).
+
+Left padding in generation: the cache sits physically before the pads, but the pads are masked and
+transformers derives positions from the mask's cumsum, so each row sees [prompt][text] at positions
+0..k-1, k.. - the same as unpadded one-at-a-time generation (the bug of peft issue #1093 does not arise).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import stop_sequences_criteria
+
+from ctp_eval import models
+from ctp_eval.prompt import SoftPrompt
+
+logger = logging.getLogger(__name__)
+
+PROMPT_MODES = ("cache", "prepend")
+
+
+@register_model("ctp")
+class CTPLM(HFLM):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        prompt: str | None = None,
+        hard_prompt: str | None = None,
+        compression: str | None = None,
+        prompt_mode: str = "cache",
+        **kwargs,
+    ) -> None:
+        if prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+        if not isinstance(pretrained, str) and pretrained is not None:
+            raise TypeError("ctp takes pretrained= as a model id or folder (string)")
+        self.base_model_id = models.model_id(pretrained)
+        path = models.resolve_pretrained(pretrained)
+        self.compression = str(compression) if compression not in (None, "", "none") else "none"
+        if self.compression != "none":
+            from ctp_eval.compress import ensure_compressed  # compresses once, then reads the disk cache
+
+            path = ensure_compressed(path, self.compression)
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=path, **kwargs)
+        if self.backend != "causal":
+            raise ValueError("ctp supports decoder-only (causal) models only")
+
+        self.prompt_mode = prompt_mode
+        self.prompt_path = prompt
+        self.soft_prompt = self._build_prompt(prompt, hard_prompt)
+        self.prompt_embeds = None  # (k, d) on the model's device/dtype
+        self.prefix_kv = None  # per layer (keys, values), each (1, heads, k, head_dim)
+        if self.soft_prompt is not None:
+            emb = self.model.get_input_embeddings().weight
+            self.prompt_embeds = self.soft_prompt.embeds.to(device=emb.device, dtype=emb.dtype)
+            if prompt_mode == "cache":
+                self.prefix_kv = compute_prefix_kv(self.model, self.prompt_embeds)
+
+    # ----- prompt ---------------------------------------------------------------------------------------
+    def _build_prompt(self, prompt: str | None, hard_prompt: str | None) -> SoftPrompt | None:
+        parts = []
+        if hard_prompt:  # real tokens, as embeddings: identical to prepending the tokens themselves
+            parts.append(SoftPrompt.from_text(hard_prompt, self.model, self.tokenizer))
+        if prompt:
+            soft = SoftPrompt.load(prompt)
+            soft.check_compatible(self.model, self.tokenizer)
+            if soft.meta.compression not in ("", "none", self.compression):
+                logger.info(
+                    "prompt was trained on compression %s, applied to %s (transfer)", soft.meta.compression, self.compression
+                )
+            parts.append(soft)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return SoftPrompt(torch.cat([p.embeds for p in parts]), parts[-1].meta)
+
+    @property
+    def k(self) -> int:
+        return 0 if self.soft_prompt is None else self.soft_prompt.k
+
+    @property
+    def max_length(self) -> int:
+        return super().max_length - self.k
+
+    # ----- forward paths --------------------------------------------------------------------------------
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        if self.k == 0:
+            return super()._model_call(inps, attn_mask, labels)
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            if self.prefix_kv is None:
+                from ctp_eval.prompt import forward_with_prompt
+
+                return forward_with_prompt(self.model, inps, self.prompt_embeds)
+            # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
+            cache = prefix_cache(self.prefix_kv, inps.shape[0], self.model.config)
+            return self.model(input_ids=inps, past_key_values=cache, use_cache=True).logits
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        if self.k == 0:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+        do_sample = generation_kwargs.get("do_sample")
+        if generation_kwargs["temperature"] == 0.0 and do_sample is None:
+            generation_kwargs["do_sample"] = do_sample = False
+        if do_sample is False and generation_kwargs["temperature"] == 0.0:
+            generation_kwargs.pop("temperature")
+        bsz, k = context.shape[0], self.k
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(context)
+        mask = torch.cat([mask.new_ones(bsz, k), mask], dim=1)  # the prompt is always attended
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        # Stop strings are searched in what follows the (k placeholder + context) ids.
+        stopping = stop_sequences_criteria(self.tokenizer, stop, k + context.shape[1], bsz)
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            if self.prefix_kv is not None:
+                # transformers expects input_ids to cover the cached positions too; it only embeds the uncached
+                # tail, so the k placeholder ids are never looked up.
+                placeholder = context.new_full((bsz, k), pad_id)
+                out = self.model.generate(
+                    input_ids=torch.cat([placeholder, context], dim=1),
+                    attention_mask=mask,
+                    past_key_values=prefix_cache(self.prefix_kv, bsz, self.model.config),
+                    max_length=max_length + k,
+                    stopping_criteria=stopping,
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                    **generation_kwargs,
+                )
+                return out[:, k:]
+            embeds = self.model.get_input_embeddings()(context)
+            prefix = self.prompt_embeds.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
+            # With inputs_embeds, generate returns only new ids; prepend the context as HFLM slices it off.
+            new = self.model.generate(
+                inputs_embeds=torch.cat([prefix, embeds], dim=1),
+                attention_mask=mask,
+                max_length=max_length + k,
+                stopping_criteria=stopping,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **generation_kwargs,
+            )
+            return torch.cat([context, new], dim=1)
+
+    # ----- requests -------------------------------------------------------------------------------------
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        from ctp_eval import ppl
+
+        protocol = [i for i, r in enumerate(requests) if ppl.is_protocol_request(r)]
+        if not protocol:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        rest = [i for i in range(len(requests)) if i not in set(protocol)]
+        out: list = [None] * len(requests)
+        for i, res in zip(protocol, ppl.score_protocol_requests(self, [requests[i] for i in protocol])):
+            out[i] = res
+        if rest:
+            for i, res in zip(rest, super().loglikelihood_rolling([requests[i] for i in rest], disable_tqdm)):
+                out[i] = res
+        return out
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(
+            ctp_base_model=self.base_model_id,
+            ctp_compression=self.compression,
+            ctp_prompt=self.prompt_path,
+            ctp_prompt_k=self.k,
+        )
+        if self.soft_prompt is not None:
+            meta = self.soft_prompt.meta
+            info.update(ctp_prompt_trained_on=meta.compression, ctp_prompt_train_data=meta.train_data,
+                        ctp_prompt_steps=meta.steps)
+        return info
+
+
+def compute_prefix_kv(model, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run the k prompt embeddings once; return per-layer (keys, values), each (1, heads, k, head_dim)."""
+    with torch.no_grad():
+        out = model(inputs_embeds=prompt_embeds.unsqueeze(0), use_cache=True)
+    cache = out.past_key_values
+    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+
+
+def prefix_cache(prefix_kv, batch_size: int, config):
+    """A fresh DynamicCache holding the prompt's states for `batch_size` rows.
+
+    `expand` makes views, not copies; the cache concatenates new states into new tensors, so the stored prefix
+    is never written to and can be reused by every batch.
+    """
+    from transformers import DynamicCache
+
+    data = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in prefix_kv]
+    return DynamicCache(ddp_cache_data=data, config=config)
