@@ -23,7 +23,7 @@ import logging
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import stop_sequences_criteria
+from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from ctp_eval import models
 from ctp_eval.prompt import SoftPrompt
@@ -63,6 +63,12 @@ class CTPLM(HFLM):
         self.prompt_mode = prompt_mode
         self.prompt_path = prompt
         self.soft_prompt = self._build_prompt(prompt, hard_prompt)
+        window = super().max_length
+        if self.k >= window:
+            raise ValueError(
+                f"the prompt has {self.k} positions but the model window is {window} tokens: nothing would be left "
+                "for text (use a shorter prompt or a larger max_length)"
+            )
         self.prompt_embeds = None  # (k, d) on the model's device/dtype
         self.prefix_kv = None  # per layer (keys, values), each (1, heads, k, head_dim)
         if self.soft_prompt is not None:
@@ -171,11 +177,13 @@ class CTPLM(HFLM):
 
     # ----- requests -------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        from ctp_eval import ppl
-
-        protocol = [i for i, r in enumerate(requests) if ppl.is_protocol_request(r)]
+        # Docs of the ctp_* perplexity tasks carry a "ctp_ppl" dict (seqlen, source): those are scored under
+        # the paper protocol by ctp_eval.ppl; any other rolling request is lm-eval's standard computation.
+        protocol = [i for i, r in enumerate(requests) if isinstance(r.doc, dict) and "ctp_ppl" in r.doc]
         if not protocol:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        from ctp_eval import ppl
+
         rest = [i for i in range(len(requests)) if i not in set(protocol)]
         out: list = [None] * len(requests)
         for i, res in zip(protocol, ppl.score_protocol_requests(self, [requests[i] for i in protocol])):
