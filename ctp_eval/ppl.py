@@ -1,0 +1,177 @@
+"""The perplexity protocol, defined once: used by the `ctp_*` lm-eval tasks, `ctp-train` validation and benchmarks.
+
+Protocol (GPTQ / the paper, with the soft prompt handled so that it cannot change what is scored):
+
+1. the corpus split is joined into one string (`ctp_eval.data.corpus_text`) and tokenized once, without
+   special tokens;
+2. the token stream is cut into non-overlapping windows of `seqlen` tokens (default 1024, the paper's); the
+   remainder is dropped;
+3. in every window, positions 1..T-1 are scored (token t given tokens 0..t-1 of the same window);
+4. PPL = exp(total NLL / number of scored tokens), accumulated in float64.
+
+With a soft prompt the k prompt embeddings are prepended to every window *inside* `logits_fn`, which returns
+logits aligned to the window's token ids. The prompt positions are therefore never scored and never counted:
+the scored tokens are identical with and without a prompt. (The paper's released code averages the loss over
+the prompt positions too, which understates prompted PPL by ~9% at k=100, seqlen=1024.) GPTQ divides by
+windows x seqlen although it scores windows x (seqlen-1) tokens; we divide by what we score.
+
+lm-eval route: `CTPLM.loglikelihood_rolling` hands every request whose doc carries a "ctp_ppl" dict to
+`score_protocol_requests`, which applies this same protocol with `lm._model_call` (soft prompt applied inside)
+as `logits_fn`. See `tasks/ppl_tasks.py` for how the tasks build such requests and report the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEQLEN = 1024  # the paper's evaluation length
+
+
+@dataclass
+class PPLResult:
+    """Outcome of the protocol on one corpus split."""
+
+    nll_sum: float  # total negative log-likelihood (nats) over all scored tokens
+    n_tokens: int  # scored tokens: n_windows * (seqlen - 1), independent of any prompt
+    n_windows: int
+    seqlen: int
+    source: str = ""  # which data, e.g. "wikitext2-test" or "c4-train1000[900:]" (see ctp_eval.data)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
+
+
+def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(N,) token ids -> (N // seqlen, seqlen) non-overlapping windows; the remainder is dropped."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2 to score anything, got {seqlen}")
+    ids = ids.reshape(-1)
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> PPLResult:
+    """Score positions 1..T-1 of every window.
+
+    logits_fn: (B, T) ids -> (B, T, V) logits aligned to the ids (any prompt is prepended and stripped inside).
+    windows: (nw, T) LongTensor, e.g. from `windows()`.
+    """
+    nw, seqlen = windows.shape
+    nll_sum = 0.0  # python float = float64: summing ~1e6 token NLLs in float32 would lose digits
+    batches = range(0, nw, max(1, int(batch_size)))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"ppl windows (x{batch_size})", unit="batch")
+    with torch.no_grad():
+        for start in batches:
+            ids = windows[start : start + batch_size]  # (B, T)
+            logits = logits_fn(ids)  # (B, T, V)
+            if logits.shape[:2] != ids.shape:
+                raise ValueError(f"logits_fn returned {tuple(logits.shape)} for ids {tuple(ids.shape)}: not aligned")
+            target = ids[:, 1:].to(logits.device)  # (B, T-1)
+            # float32 log-softmax (bf16/fp16 logits are too coarse), per-token NLL, float64 sum.
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+            )
+            nll_sum += nll.double().sum().item()
+    return PPLResult(nll_sum=nll_sum, n_tokens=nw * (seqlen - 1), n_windows=nw, seqlen=seqlen)
+
+
+def model_logits_fn(model, prompt: torch.Tensor | None = None):
+    """logits_fn for a HF causal LM, with an optional (k, d) soft prompt prepended to every window."""
+    from ctp_eval.prompt import forward_with_prompt
+
+    device = next(model.parameters()).device
+
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        return forward_with_prompt(model, ids.to(device), prompt)
+
+    return logits_fn
+
+
+def perplexity(
+    model,
+    tokenizer,
+    name: str = "wikitext2",
+    split: str = "test",
+    seqlen: int = DEFAULT_SEQLEN,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    limit_windows: int | None = None,
+    data_dir=None,
+    progress: bool = False,
+) -> PPLResult:
+    """The protocol on `name`/`split` (see ctp_eval.data) for a HF model and optional (k, d) soft prompt.
+
+    `limit_windows` scores only the first windows (quick validation during training); the result's
+    n_windows says how many were used, so a truncated number is never mistaken for a full one.
+    """
+    from ctp_eval import data
+
+    wins = windows(data.token_stream(tokenizer, name, split, data_dir), seqlen)
+    if limit_windows is not None:
+        wins = wins[:limit_windows]
+    if len(wins) == 0:
+        raise ValueError(f"{name}/{split} is shorter than one window of {seqlen} tokens")
+    was_training = model.training
+    model.eval()  # dropout off: perplexity is a deterministic measurement
+    try:
+        result = protocol_nll(model_logits_fn(model, prompt), wins, batch_size=batch_size, progress=progress)
+    finally:
+        model.train(was_training)
+    result.source = data.corpus_source(name, split, data_dir)
+    return result
+
+
+# ---------------------------------------------------------------- lm-eval route
+
+
+def shard_bounds(n: int, n_shards: int, shard: int) -> tuple[int, int]:
+    """[lo, hi) of the `shard`-th of `n_shards` contiguous, near-equal slices of range(n)."""
+    return shard * n // n_shards, (shard + 1) * n // n_shards
+
+
+def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
+    """Responses for lm-eval `loglikelihood_rolling` requests whose doc carries a "ctp_ppl" spec.
+
+    doc["ctp_ppl"] = {"corpus", "split", "data_dir", "source", "seqlen", "shard", "n_shards"} (built by
+    tasks/ppl_tasks.py). The corpus is re-read through ctp_eval.data and tokenized once per (corpus, split)
+    with `lm.tok_encode`, so the windows are those of the whole corpus whatever the sharding; a request scores
+    its shard's contiguous share of them. `lm._model_call` already prepends the soft prompt.
+    Returns per request (loglikelihood sum, number of scored tokens).
+    """
+    from ctp_eval import data
+
+    streams: dict[tuple, torch.Tensor] = {}  # tokenize each corpus once per call, not once per shard
+    bs = lm.batch_size if isinstance(lm.batch_size, int) else 1
+    device = getattr(lm, "device", "cpu")
+    out = []
+    for req in requests:
+        spec = req.doc["ctp_ppl"]
+        seqlen = int(spec["seqlen"])
+        if seqlen > lm.max_length:
+            raise ValueError(
+                f"ctp_ppl seqlen={seqlen} exceeds the model's usable length {lm.max_length} "
+                "(model window minus prompt length); lower the task's ppl_seqlen"
+            )
+        key = (spec["corpus"], spec["split"], spec.get("data_dir") or None)
+        if key not in streams:
+            text = data.corpus_text(*key)
+            streams[key] = torch.tensor(lm.tok_encode(text, add_special_tokens=False), dtype=torch.long)
+        wins = windows(streams[key], seqlen)
+        lo, hi = shard_bounds(len(wins), int(spec.get("n_shards", 1)), int(spec.get("shard", 0)))
+        res = protocol_nll(lambda x: lm._model_call(x.to(device)), wins[lo:hi], batch_size=bs, progress=True)
+        logger.info(
+            "ctp_ppl %s shard %s: windows %d-%d of %d (seqlen %d), %d scored tokens, token ppl %.4f",
+            spec["source"], spec.get("shard", 0), lo, hi, len(wins), seqlen, res.n_tokens, res.ppl,
+        )
+        out.append((-res.nll_sum, res.n_tokens))
+    return out
