@@ -54,7 +54,7 @@ def build_docs(corpus: str, split: str, data_dir=None, seqlen: int = 1024, n_sha
     rows = data.load_texts(corpus, split, data_dir)
     root = data.resolve_data_dir(data_dir)
     source = data.corpus_source(corpus, split, data_dir)
-    joiner = data.JOINERS[corpus]
+    joiner = data.JOINERS.get(corpus, "\n\n")
     n_shards = max(1, min(int(n_shards), len(rows)))
     docs = []
     for shard in range(n_shards):

@@ -1,0 +1,114 @@
+"""The perplexity protocol (ctp_eval.ppl) against straightforward references, with and without a soft prompt."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_model
+from ctp_eval import ppl
+
+TEXT = " ".join(
+    f"Sentence {i}: the quick brown fox jumps over the lazy dog, and a soft prompt recovers accuracy."
+    for i in range(60)
+)
+SEQLEN = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return build_model("llama", vocab_size=len(tiny_tokenizer))
+
+
+def reference_ppl(model, ids: list[int], seqlen: int, prompt=None) -> tuple[float, int]:
+    """Independent computation: loop over windows, mean cross-entropy of positions 1..T-1, explicit prompt concat."""
+    total, count = 0.0, 0
+    for w in range(len(ids) // seqlen):
+        window = torch.tensor([ids[w * seqlen : (w + 1) * seqlen]])
+        with torch.no_grad():
+            if prompt is None:
+                logits = model(input_ids=window).logits[0]
+            else:
+                emb = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(window)], dim=1)
+                logits = model(inputs_embeds=emb).logits[0, prompt.shape[0] :]
+        loss = F.cross_entropy(logits[:-1], window[0, 1:])
+        total += loss.item() * (seqlen - 1)
+        count += seqlen - 1
+    return math.exp(total / count), count
+
+
+def test_windows_drop_remainder():
+    w = ppl.windows(torch.arange(10), 3)
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert ppl.windows(torch.arange(2), 3).shape == (0, 3)
+    with pytest.raises(ValueError):
+        ppl.windows(torch.arange(10), 1)
+
+
+def test_perplexity_matches_reference(model, tiny_tokenizer, corpus):
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    ref, n_ref = reference_ppl(model, ids, SEQLEN)
+    res = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN, batch_size=3)
+    assert res.n_windows == len(ids) // SEQLEN and res.n_tokens == n_ref
+    assert res.source == "tiny.txt"
+    assert res.ppl == pytest.approx(ref, rel=1e-5)
+
+
+def test_prompt_scores_the_same_tokens(model, tiny_tokenizer, corpus):
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    prompt = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))  # (k, d)
+    plain = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN)
+    prompted = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN, prompt=prompt, batch_size=2)
+    ref, n_ref = reference_ppl(model, ids, SEQLEN, prompt=prompt)
+    assert prompted.n_tokens == plain.n_tokens == n_ref
+    assert prompted.n_windows == plain.n_windows
+    assert prompted.ppl == pytest.approx(ref, rel=1e-5)
+    assert prompted.ppl != pytest.approx(plain.ppl, rel=1e-3)  # the prompt did reach the model
+
+
+def test_limit_windows(model, tiny_tokenizer, corpus):
+    res = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN, limit_windows=2)
+    assert res.n_windows == 2 and res.n_tokens == 2 * (SEQLEN - 1)
+
+
+def test_protocol_nll_rejects_misaligned_logits():
+    with pytest.raises(ValueError, match="aligned"):
+        ppl.protocol_nll(lambda ids: torch.zeros(ids.shape[0], ids.shape[1] + 1, 7), torch.zeros(1, 4, dtype=torch.long))
+
+
+def _fake_lm(model, tokenizer, max_length=128):
+    """The four members score_protocol_requests uses, as HFLM provides them."""
+    return SimpleNamespace(
+        tok_encode=lambda s, add_special_tokens=None: tokenizer.encode(s, add_special_tokens=bool(add_special_tokens)),
+        _model_call=lambda x: model(input_ids=x).logits,
+        max_length=max_length, batch_size=2, device="cpu",
+    )
+
+
+def _requests(corpus: str, n_shards: int, seqlen: int = SEQLEN):
+    spec = {"corpus": corpus, "split": "test", "data_dir": "", "source": "tiny", "seqlen": seqlen, "n_shards": n_shards}
+    return [SimpleNamespace(doc={"text": "", "ctp_ppl": {**spec, "shard": s}}) for s in range(n_shards)]
+
+
+def test_score_protocol_requests_shards_add_up(model, tiny_tokenizer, corpus):
+    direct = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN)
+    out = ppl.score_protocol_requests(_fake_lm(model, tiny_tokenizer), _requests(corpus, n_shards=4))
+    loglik, n = sum(o[0] for o in out), sum(o[1] for o in out)
+    assert n == direct.n_tokens
+    assert math.exp(-loglik / n) == pytest.approx(direct.ppl, rel=1e-6)
+
+
+def test_score_protocol_requests_checks_length(model, tiny_tokenizer, corpus):
+    with pytest.raises(ValueError, match="exceeds"):
+        ppl.score_protocol_requests(_fake_lm(model, tiny_tokenizer, max_length=16), _requests(corpus, 1))
