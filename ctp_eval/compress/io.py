@@ -1,0 +1,219 @@
+"""Compressed checkpoints on disk, and the cache that lets one compression serve many runs.
+
+A compressed checkpoint is an ordinary Hugging Face model folder (`save_pretrained`: config + safetensors +
+tokenizer), so `pretrained=DIR` loads it anywhere, plus `ctp_compression.json` saying what was done: spec,
+base model, calibration (dataset, split, exact data source, n samples, seqlen, seed), solver options,
+versions and per-layer stats. Quantized specs also write `ctp_qparams.safetensors` (per-layer scale / zero /
+g_idx) for packed export. The weights themselves stay dense floats (fake-quantized / masked), because
+prompt learning back-propagates through them.
+
+`ensure_compressed(pretrained, spec)` returns such a folder from the cache, keyed by model + spec +
+calibration + options + dtype, and compresses (then saves atomically) on a miss.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .apply import CompressOptions, compress_model
+from .spec import CompressSpec, parse_spec
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = "ctp_compression.json"
+QPARAMS_FILE = "ctp_qparams.safetensors"
+FORMAT = "ctp-compression/1"  # bump when solver behaviour changes, so stale cache entries are not reused
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: random `seqlen`-token crops of documents (GPTQ protocol). Paper: C4 train."""
+
+    dataset: str = field(default="c4", metadata={"help": "corpus name (c4, wikitext2, ptb) or .txt/.jsonl path"})
+    split: str = field(default="train", metadata={"help": "corpus split"})
+    nsamples: int = field(default=128, metadata={"help": "number of calibration sequences"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration sequence"})
+    seed: int = field(default=0, metadata={"help": "seed of the document / crop draw"})
+
+    def __post_init__(self):
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples}, {self.seqlen}")
+
+
+def calibration_ids(tokenizer, calib: CalibConfig = CalibConfig(), data_dir=None) -> torch.Tensor:
+    """LongTensor (nsamples, seqlen) of calibration tokens, deterministic for the config."""
+    from ctp_eval import data
+
+    return data.random_segments(
+        tokenizer, calib.dataset, calib.split, calib.nsamples, calib.seqlen, calib.seed, data_dir=data_dir
+    )
+
+
+def calibration_details(calib: CalibConfig, data_dir=None) -> dict:
+    """The config plus which data it resolves to (offline C4 and hub C4 are different documents)."""
+    from ctp_eval import data
+
+    return {**asdict(calib), "source": data.corpus_source(calib.dataset, calib.split, data_dir)}
+
+
+def read_compression_info(path: str | os.PathLike) -> dict | None:
+    """The `ctp_compression.json` of a model folder, or None for an uncompressed / non-local model."""
+    f = Path(path) / INFO_FILE
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text())
+
+
+def save_compressed(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    spec: str | CompressSpec,
+    base_model: str,
+    calibration: dict | None,
+    options: CompressOptions = CompressOptions(),
+    stats: dict | None = None,
+    qparams: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write an HF model folder + `ctp_compression.json` (+ qparams) to `out_dir` (not atomic; see ensure_)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    import ctp_eval
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if qparams:
+        tensors = {f"{name}.{k}": v.contiguous() for name, d in qparams.items() for k, v in d.items()}
+        save_file(tensors, str(out / QPARAMS_FILE))
+    info = {
+        "format": FORMAT,
+        "spec": str(parse_spec(spec)),
+        "base_model": base_model,
+        "calibration": calibration,
+        "options": options.key(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "versions": {
+            "ctp_eval": ctp_eval.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+        "stats": stats or {},
+    }
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def _model_identity(pretrained: str | None) -> tuple[str, str]:
+    """(display id for metadata, identity for the cache key). Local folders are keyed by absolute path,
+    since two folders may share a name; the embedded default and hub ids by their id.
+
+    Deliberately not `models.model_id`: for a folder that one resolves the embedded model's folder, which
+    converts its GGUF (~18 s) on a fresh cache just to name a model.
+    """
+    from ctp_eval import models
+
+    if pretrained in (None, "", "smollm2", "default"):
+        return models.EMBEDDED_ID, models.EMBEDDED_ID
+    if os.path.isdir(str(pretrained)):
+        path = Path(pretrained).resolve()
+        if path == (models.default_cache_dir() / "models" / models.EMBEDDED_ID).resolve():
+            return models.EMBEDDED_ID, models.EMBEDDED_ID
+        return path.name, str(path)
+    return str(pretrained), str(pretrained)
+
+
+def cache_key(identity: str, spec: CompressSpec, calibration: dict | None, options: CompressOptions, dtype) -> str:
+    payload = {
+        "format": FORMAT,
+        "model": identity,
+        "spec": str(spec),
+        "calibration": calibration,  # None for RTN / magnitude: they read no data
+        "options": options.key(),
+        "dtype": str(dtype),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
+
+
+def ensure_compressed(
+    pretrained: str | None,
+    spec: str | CompressSpec,
+    *,
+    calib: CalibConfig = CalibConfig(),
+    options: CompressOptions = CompressOptions(),
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype=torch.float32,
+    data_dir=None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> str:
+    """Local folder of `pretrained` compressed with `spec`: from the cache, else compressed now and cached.
+
+    `pretrained` is a hub id, a local folder, or None for the embedded SmolLM2-135M. Spec "none" returns the
+    dense model's path. A folder that already holds a compression is returned as is when its spec matches
+    (so a saved checkpoint can be passed together with its spec) and rejected otherwise. The cache lives in
+    `cache_dir` (default `default_cache_dir()/"compressed"`), one folder per key, written atomically.
+    """
+    from ctp_eval import models
+
+    spec = parse_spec(spec)
+    if spec.is_none:
+        return models.resolve_pretrained(pretrained)
+    existing = read_compression_info(pretrained) if pretrained and os.path.isdir(str(pretrained)) else None
+    if existing is not None:
+        if existing.get("spec") == str(spec):
+            return str(pretrained)
+        raise ValueError(
+            f"{pretrained} is already compressed with {existing.get('spec')!r}; compress the base model "
+            f"{existing.get('base_model')!r} with {str(spec)!r} instead of stacking compressions"
+        )
+    base, identity = _model_identity(pretrained)
+    calibration = calibration_details(calib, data_dir) if spec.needs_calibration else None
+    key = cache_key(identity, spec, calibration, options, dtype)
+    root = Path(cache_dir) if cache_dir is not None else models.default_cache_dir() / "compressed"
+    target = root / f"{_slug(base)}__{_slug(str(spec))}__{key}"
+    if (target / INFO_FILE).is_file():
+        logger.info("compressed model cache hit: %s", target)
+        return str(target)
+
+    logger.info("compressing %s with %s (cache miss, key %s)", base, spec, key)
+    model, tokenizer = models.load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
+    calib_ids = calibration_ids(tokenizer, calib, data_dir) if spec.needs_calibration else None
+    qparams: dict = {}
+    stats = compress_model(
+        model, spec, calib_ids, options=options, batch_size=batch_size, progress=progress, qparams_out=qparams
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_compressed(
+            model, tokenizer, tmp, spec=spec, base_model=base, calibration=calibration, options=options,
+            stats=stats, qparams=qparams, extra={"cache_key": key, "base_model_path": identity},
+        )
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / INFO_FILE).is_file():  # lost a race to another process: fine if it finished
+            raise
+    return str(target)
