@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
-from ctp_eval import models
+from ctp_eval import __version__, models
 from ctp_eval.prompt import SoftPrompt
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class CTPLM(HFLM):
 
         self.prompt_mode = prompt_mode
         self.prompt_path = prompt
+        self.hard_prompt = hard_prompt
+        self.peft_path = kwargs.get("peft")  # a LoRA baseline adapter, loaded by HFLM itself
         self.soft_prompt = self._build_prompt(prompt, hard_prompt)
         window = super().max_length
         if self.k >= window:
@@ -193,19 +195,52 @@ class CTPLM(HFLM):
                 out[i] = res
         return out
 
+    def trainable_params(self) -> int:
+        """What the recovery method trains: learned prompt entries, or LoRA weights (a hard prompt trains 0)."""
+        n = 0
+        if self.prompt_path and self.soft_prompt is not None:
+            n += self.soft_prompt.embeds.numel() if not self.hard_prompt else 0
+            if self.hard_prompt:  # concatenated [hard; soft]: count the soft part only
+                n += SoftPrompt.load(self.prompt_path).embeds.numel()
+        if self.peft_path:
+            n += sum(p.numel() for name, p in self.model.named_parameters() if "lora_" in name)
+        return n
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info.update(
+            ctp_eval_version=__version__,
+            ctp_hardware=hardware_summary(self.device),
             ctp_base_model=self.base_model_id,
             ctp_compression=self.compression,
             ctp_prompt=self.prompt_path,
+            ctp_hard_prompt=self.hard_prompt,
+            ctp_peft=self.peft_path,
             ctp_prompt_k=self.k,
+            ctp_trainable_params=self.trainable_params(),
         )
         if self.soft_prompt is not None:
             meta = self.soft_prompt.meta
             info.update(ctp_prompt_trained_on=meta.compression, ctp_prompt_train_data=meta.train_data,
                         ctp_prompt_steps=meta.steps)
         return info
+
+
+def hardware_summary(device) -> str:
+    """One line naming the machine a result came from (for leaderboards)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the marketing name is more useful than "x86_64"
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
 
 
 def compute_prefix_kv(model, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
