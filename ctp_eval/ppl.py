@@ -57,14 +57,14 @@ def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> PPLResult:
-    """Score positions 1..T-1 of every window.
+def window_nlls(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> list[float]:
+    """NLL (nats, float64) of positions 1..T-1 of each window: the protocol's unit of work.
 
     logits_fn: (B, T) ids -> (B, T, V) logits aligned to the ids (any prompt is prepended and stripped inside).
     windows: (nw, T) LongTensor, e.g. from `windows()`.
     """
-    nw, seqlen = windows.shape
-    nll_sum = 0.0  # python float = float64: summing ~1e6 token NLLs in float32 would lose digits
+    nw = windows.shape[0]
+    out: list[float] = []  # python floats = float64: summing ~1e6 token NLLs in float32 would lose digits
     batches = range(0, nw, max(1, int(batch_size)))
     if progress:
         from tqdm.auto import tqdm
@@ -77,11 +77,18 @@ def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress
             if logits.shape[:2] != ids.shape:
                 raise ValueError(f"logits_fn returned {tuple(logits.shape)} for ids {tuple(ids.shape)}: not aligned")
             target = ids[:, 1:].to(logits.device)  # (B, T-1)
-            # float32 log-softmax (bf16/fp16 logits are too coarse), per-token NLL, float64 sum.
+            # float32 log-softmax (bf16/fp16 logits are too coarse), per-token NLL, float64 sums.
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-            )
-            nll_sum += nll.double().sum().item()
+                logits[:, :-1].float().transpose(1, 2), target, reduction="none"
+            )  # (B, T-1)
+            out.extend(nll.double().sum(dim=1).tolist())
+    return out
+
+
+def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> PPLResult:
+    """Score positions 1..T-1 of every window (see `window_nlls`) and total them."""
+    nw, seqlen = windows.shape
+    nll_sum = math.fsum(window_nlls(logits_fn, windows, batch_size, progress))
     return PPLResult(nll_sum=nll_sum, n_tokens=nw * (seqlen - 1), n_windows=nw, seqlen=seqlen)
 
 
@@ -151,10 +158,8 @@ def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
     from ctp_eval import data
 
     streams: dict[tuple, torch.Tensor] = {}  # tokenize each corpus once per call, not once per shard
-    bs = lm.batch_size if isinstance(lm.batch_size, int) else 1
-    device = getattr(lm, "device", "cpu")
-    out = []
-    for req in requests:
+    by_seqlen: dict[int, list[tuple[int, torch.Tensor]]] = {}  # seqlen -> [(request index, (n, seqlen) windows)]
+    for i, req in enumerate(requests):
         spec = req.doc["ctp_ppl"]
         seqlen = int(spec["seqlen"])
         if seqlen > lm.max_length:
@@ -167,11 +172,25 @@ def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
             text = data.corpus_text(*key)
             streams[key] = torch.tensor(lm.tok_encode(text, add_special_tokens=False), dtype=torch.long)
         wins = windows(streams[key], seqlen)
-        lo, hi = shard_bounds(len(wins), int(spec.get("n_shards", 1)), int(spec.get("shard", 0)))
-        res = protocol_nll(lambda x: lm._model_call(x.to(device)), wins[lo:hi], batch_size=bs, progress=True)
-        logger.info(
-            "ctp_ppl %s shard %s: windows %d-%d of %d (seqlen %d), %d scored tokens, token ppl %.4f",
-            spec["source"], spec.get("shard", 0), lo, hi, len(wins), seqlen, res.n_tokens, res.ppl,
-        )
-        out.append((-res.nll_sum, res.n_tokens))
-    return out
+        # With more shards than windows, the first len(wins) shards get one window each and the rest none,
+        # so `--limit n` never lands on only empty shards.
+        n_shards, shard = min(int(spec.get("n_shards", 1)), len(wins)), int(spec.get("shard", 0))
+        lo, hi = shard_bounds(len(wins), n_shards, shard) if shard < n_shards else (len(wins), len(wins))
+        by_seqlen.setdefault(seqlen, []).append((i, wins[lo:hi]))
+
+    # Batch windows across requests (a shard may hold a single window), then total them per request.
+    bs = lm.batch_size if isinstance(lm.batch_size, int) else 1
+    device = getattr(lm, "device", "cpu")
+    nll = [0.0] * len(requests)
+    n_tok = [0] * len(requests)
+    for seqlen, parts in by_seqlen.items():
+        owners = [i for i, w in parts for _ in range(len(w))]
+        all_wins = torch.cat([w for _, w in parts])
+        per_window = window_nlls(lambda x: lm._model_call(x.to(device)), all_wins, batch_size=bs, progress=True)
+        for i, value in zip(owners, per_window):
+            nll[i] += value
+            n_tok[i] += seqlen - 1
+    for i, req in enumerate(requests):
+        logger.debug("ctp_ppl %s shard %s: %d scored tokens", req.doc["ctp_ppl"]["source"],
+                    req.doc["ctp_ppl"].get("shard", 0), n_tok[i])
+    return [(-nll[i], n_tok[i]) for i in range(len(requests))]

@@ -109,6 +109,14 @@ def test_score_protocol_requests_shards_add_up(model, tiny_tokenizer, corpus):
     assert math.exp(-loglik / n) == pytest.approx(direct.ppl, rel=1e-6)
 
 
+def test_more_shards_than_windows(model, tiny_tokenizer, corpus):
+    direct = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN)
+    reqs = _requests(corpus, n_shards=direct.n_windows + 5)
+    out = ppl.score_protocol_requests(_fake_lm(model, tiny_tokenizer), reqs)
+    assert [n for _, n in out] == [SEQLEN - 1] * direct.n_windows + [0] * 5
+    assert math.exp(-sum(o[0] for o in out) / direct.n_tokens) == pytest.approx(direct.ppl, rel=1e-6)
+
+
 def test_score_protocol_requests_checks_length(model, tiny_tokenizer, corpus):
     with pytest.raises(ValueError, match="exceeds"):
         ppl.score_protocol_requests(_fake_lm(model, tiny_tokenizer, max_length=16), _requests(corpus, 1))
