@@ -146,3 +146,21 @@ def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
     assert res["token_perplexity,none"] == pytest.approx(direct.ppl, rel=1e-5)
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert math.isfinite(res[key])
+
+
+@pytest.mark.slow
+def test_ctp_paper_smollm2_offline(tmp_path, monkeypatch):
+    """CI smoke run: all seven tasks, offline, on the embedded SmolLM2-135M (--limit 2; 500 ppl shards)."""
+    monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"), "--model", "ctp", "--model_args", "dtype=float32",
+        "--device", "cpu", "--batch_size", "4", "--tasks", "ctp_paper", "--limit", "2",
+        "--metadata", json.dumps({"ppl_shards": 500}), "--output_path", str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    for name in ("ctp_c4", "ctp_wikitext2", "ctp_ptb"):
+        assert res[name]["scored_tokens,none"] > 0 and math.isfinite(res[name]["token_perplexity,none"])
+    for name in MC:
+        assert 0.0 <= res[name]["acc,none"] <= 1.0 and "acc_norm_stderr,none" in res[name]
