@@ -210,7 +210,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     dist = trainutil.distributed(cfg.device)
     out = Path(cfg.out)
     ckpt = _prepare_out(cfg, out, dist.rank)
-    model, tokenizer, base_id = _load_model(cfg, dist.device)
+    model, tokenizer, base_id, compression = _load_model(cfg, dist.device)
     limit = getattr(model.config, "max_position_embeddings", None)
     need = cfg.seqlen + (cfg.k if cfg.method == "prompt" else 0)
     if limit is not None and need > limit:
@@ -228,10 +228,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer, scheduler = make_optimizer(tuner, cfg)
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" and dist.device.type == "cuda" else None)
-    meta = dict(base_model=base_id, compression=cfg.compression, init=cfg.init if cfg.method == "prompt" else "",
+    meta = dict(base_model=base_id, compression=compression, init=cfg.init if cfg.method == "prompt" else "",
                 train_data=data.corpus_source(cfg.data, "train", cfg.data_dir), seed=cfg.seed, seqlen=cfg.seqlen,
                 val_data=data.corpus_source(cfg.val_data, "validation", cfg.data_dir))
-    extra = dict(method=cfg.method, k=cfg.k, lr=cfg.lr, batch_size=global_batch, steps_planned=cfg.steps,
+    extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch, steps_planned=cfg.steps,
                  val_windows=cfg.val_windows, dtype=cfg.dtype, trainable_params=sum(p.numel() for p in tuner.parameters()))
 
     def validate() -> float:
@@ -300,7 +300,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.write(step=st.step, loss=loss, grad_norm=norm, lr=scheduler.get_last_lr()[0], tok_s=round(tok_s, 2))
             if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
                 st.last_ppl = validate()
-                improved = st.last_ppl < st.best_ppl
+                # NaN never counts as better; anything finite beats an infinite (overflowed) best
+                improved = math.isfinite(st.last_ppl) and not st.last_ppl >= st.best_ppl
                 if improved:
                     st.best_ppl, st.best_step, best_state = st.last_ppl, st.step, tuner.state()
                     write("best", best_state, st)
@@ -366,13 +367,19 @@ def _load_model(cfg: TrainConfig, device):
     from ctp_eval import models
 
     path = models.resolve_pretrained(cfg.model)
-    if cfg.compression != "none":
+    compression = cfg.compression
+    if compression != "none":
         from ctp_eval.compress import ensure_compressed  # compresses once, then reads the on-disk cache
 
-        path = str(ensure_compressed(path, cfg.compression))
+        path = str(ensure_compressed(path, compression))
+    elif os.path.isdir(path):
+        from ctp_eval.compress import read_compression_info
+
+        info = read_compression_info(path)  # --model may itself be a compressed checkpoint folder
+        compression = info.get("spec", "unknown") if info else "none"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
-    return model, tokenizer, models.model_id(cfg.model)
+    return model, tokenizer, models.model_id(cfg.model), compression
 
 
 def _prepare_out(cfg: TrainConfig, out: Path, rank: int) -> dict | None:
