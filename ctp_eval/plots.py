@@ -1,0 +1,65 @@
+"""PPL vs compression level, with and without the learned prompt (the paper's Figures 2-3), as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctp_eval.leaderboard import PPL_TASKS, Run, _main_k, label, spec_sort_key
+
+
+def _level(spec: str) -> tuple[str, float] | None:
+    """('quantization', bits) or ('sparsity', fraction) for single-method specs; None for joint/none."""
+    if spec == "none" or "+" in spec:
+        return None
+    method, _, arg = spec.partition(":")
+    if method in ("gptq", "rtn"):
+        return "quantization", float(arg[1:].split("g")[0].split("-")[0])
+    if ":" in arg:
+        n, m = arg.split(":")
+        return "sparsity", 1 - int(n) / int(m)
+    return "sparsity", float(arg)
+
+
+def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
+    """One PNG per compression family present; each has a panel per PPL dataset. Returns (caption, path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in runs if r.kind == "dense"), None)
+    main_k = _main_k(runs)
+    written = []
+    for family, xlabel in (("quantization", "bits (GPTQ)"), ("sparsity", "sparsity (SparseGPT)")):
+        fam = [r for r in runs if (lv := _level(r.compression)) and lv[0] == family and r.compression.split(":")[0] in ("gptq", "sparsegpt")]
+        tasks = [t for t in PPL_TASKS if any(t in r.values for r in fam)]
+        if not fam or not tasks:
+            continue
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for kind, style in (("none", "o-"), ("hard", "s--"), ("learned", "^-")):
+                pts = sorted(
+                    (_level(r.compression)[1], r.values[task])
+                    for r in fam
+                    if r.kind == kind and task in r.values and (kind != "learned" or (r.trained_on == r.compression and r.train_data == "c4" and r.k == main_k))
+                )
+                if pts:
+                    ax.plot(*zip(*pts), style, label={"none": "no prompt", "hard": "hard prompt", "learned": "learned prompt"}[kind])
+            if dense and task in dense.values:
+                ax.axhline(dense.values[task], color="gray", ls=":", label="dense")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{PPL_TASKS[task]} token PPL")
+            if family == "quantization":
+                ax.invert_xaxis()  # left to right = more compression
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{sorted({r.model for r in runs})[0]}: PPL vs {family}")
+        fig.tight_layout()
+        path = Path(f"{stem}-ppl-vs-{family}.png")
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append((f"PPL vs {family}, with and without prompts", path))
+    return written
+
+
+__all__ = ["ppl_vs_compression", "label", "spec_sort_key"]

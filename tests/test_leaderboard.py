@@ -1,0 +1,133 @@
+"""ctp-leaderboard on results files shaped like lm-eval's (synthetic numbers, real file layout)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctp_eval.leaderboard import gap_recovered, load_runs, main_table, spec_sort_key, write_leaderboard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
+                 hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0):
+    results = {}
+    for task, v in (ppl or {}).items():
+        results[task] = {"alias": f"{task} (src-{task})", "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
+    for task, (acc, se) in (mc or {}).items():
+        results[task] = {"alias": task, "acc_norm,none": acc, "acc_norm_stderr,none": se, "acc,none": acc}
+    cfg = {
+        "model": "ctp", "model_args": f"compression={compression}", "limit": limit,
+        "ctp_base_model": "tiny", "ctp_compression": compression, "ctp_prompt": prompt, "ctp_hard_prompt": hard,
+        "ctp_peft": None, "ctp_prompt_k": k, "ctp_trainable_params": k * 64 if prompt else 0,
+        "ctp_hardware": "test cpu", "ctp_eval_version": "0.1.0",
+    }
+    if prompt:
+        cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
+    path = d / name / f"results_{name}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"results": results, "config": cfg, "date": date, "lm_eval_version": "0.4.13",
+                                "total_evaluation_time_seconds": "60.0"}))
+    return path
+
+
+@pytest.fixture()
+def results_dir(tmp_path):
+    d = tmp_path / "results"
+    write_result(d, "dense", ppl={"ctp_c4": 20.0, "ctp_wikitext2": 10.0}, mc={"ctp_piqa": (0.6, 0.01)})
+    write_result(d, "w3", compression="gptq:w3g128", ppl={"ctp_c4": 40.0, "ctp_wikitext2": 30.0}, mc={"ctp_piqa": (0.5, 0.01)}, limit=100)
+    write_result(d, "w3-hard", compression="gptq:w3g128", hard="paper", ppl={"ctp_c4": 39.0, "ctp_wikitext2": 29.0})
+    write_result(d, "w3-prompt", compression="gptq:w3g128", prompt="p.safetensors", k=100,
+                 ppl={"ctp_c4": 30.0, "ctp_wikitext2": 25.0}, mc={"ctp_piqa": (0.55, 0.01)})
+    write_result(d, "s50", compression="sparsegpt:0.5", ppl={"ctp_c4": 50.0, "ctp_wikitext2": 35.0})
+    # the w3 prompt applied to sparsegpt:0.5 (transfer), a k=25 prompt (ablation), a wikitext-trained prompt
+    write_result(d, "s50-from-w3", compression="sparsegpt:0.5", prompt="p.safetensors", trained_on="gptq:w3g128", k=100,
+                 ppl={"ctp_c4": 45.0, "ctp_wikitext2": 33.0})
+    write_result(d, "w3-k25", compression="gptq:w3g128", prompt="p25.safetensors", k=25, ppl={"ctp_c4": 33.0})
+    write_result(d, "w3-wiki", compression="gptq:w3g128", prompt="pw.safetensors", k=100, data="wikitext2-validation",
+                 ppl={"ctp_c4": 36.0, "ctp_wikitext2": 20.0})
+    return d
+
+
+def test_gap_recovered_formula():
+    assert gap_recovered(40.0, 30.0, 20.0) == pytest.approx(50.0)
+    assert gap_recovered(40.0, 40.0, 20.0) == pytest.approx(0.0)
+    assert gap_recovered(40.0, None, 20.0) is None
+
+
+def test_spec_order():
+    specs = ["sparsegpt:0.5+gptq:w4", "sparsegpt:0.75", "gptq:w2g64", "none", "gptq:w4", "sparsegpt:0.5", "gptq:w3g128"]
+    assert sorted(specs, key=spec_sort_key) == [
+        "none", "gptq:w4", "gptq:w3g128", "gptq:w2g64", "sparsegpt:0.5", "sparsegpt:0.75", "sparsegpt:0.5+gptq:w4"]
+
+
+def test_main_table_rows_and_gap(results_dir):
+    runs = load_runs([results_dir])
+    headers, rows = main_table(runs)
+    labels = [r[0] for r in rows]
+    assert labels == ["dense", "gptq:w3g128, no prompt", "gptq:w3g128, hard prompt",
+                      "gptq:w3g128, learned prompt (k=100, c4)", "sparsegpt:0.5, no prompt"]
+    learned = rows[3]
+    # C4: (40-30)/(40-20) = 50 %, WikiText-2: (30-25)/(30-10) = 25 %
+    assert learned[-1] == "50 / 25"
+    assert learned[headers.index("trainable params")] == "6,400"
+    assert "55.0 ± 1.0" in learned
+    assert any("src-ctp_c4" in h for h in headers)  # data source named in the header
+
+
+def test_markdown_has_all_tables_and_is_reproducible(results_dir, tmp_path):
+    a = write_leaderboard([results_dir], tmp_path / "a" / "lb.md", title="T", plots=False)
+    b = write_leaderboard([results_dir], tmp_path / "b" / "lb.md", title="T", plots=False)
+    text = a.read_text()
+    assert text == b.read_text()
+    for section in ("## Main table", "## Transfer across compression levels", "## Transfer across training data",
+                    "## Prompt length", "## Runs"):
+        assert section in text, section
+    assert "PIQA --limit 100" in text
+    assert "45.00" in text  # the transfer cell
+
+
+def test_plots_written_and_linked(results_dir, tmp_path):
+    out = write_leaderboard([results_dir], tmp_path / "lb.md", title="T")
+    text = out.read_text()
+    pngs = sorted(tmp_path.glob("lb-ppl-vs-*.png"))
+    assert [p.name for p in pngs] == ["lb-ppl-vs-quantization.png", "lb-ppl-vs-sparsity.png"]
+    for p in pngs:
+        assert f"]({p.name})" in text and p.stat().st_size > 1000
+
+
+LEADERBOARD = [str(Path(sys.executable).parent / "ctp-leaderboard")]
+
+
+def test_cli_errors_clearly_on_non_ctp_results(tmp_path):
+    bad = tmp_path / "results_x.json"
+    bad.write_text(json.dumps({"results": {}, "config": {"model": "hf"}}))
+    proc = subprocess.run(LEADERBOARD + [str(bad), "--out", str(tmp_path / "x.md")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "not a `--model ctp` result" in proc.stderr
+
+
+def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path):
+    """Each leaderboards/<name>.md is rebuilt from leaderboards/<name>/results by the project's own command.
+
+    The results (and notes) are copied to the same relative place under tmp_path, so links and file names in
+    the regenerated page are the same as in the committed one.
+    """
+    import shutil
+
+    boards = sorted((REPO / "leaderboards").glob("*.md"))
+    for md in boards:
+        src = md.with_suffix("")
+        assert (src / "results").is_dir(), f"{md.name} has no committed results folder {src / 'results'}"
+        shutil.copytree(src / "results", tmp_path / src.name / "results")
+        args = [str(tmp_path / src.name / "results"), "--out", str(tmp_path / md.name),
+                "--title", md.read_text().splitlines()[0][2:]]
+        if (src / "notes.md").is_file():
+            args += ["--notes-file", str(src / "notes.md")]
+        proc = subprocess.run(LEADERBOARD + args, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / md.name).read_bytes() == md.read_bytes(), f"{md.name} differs from its regeneration"
