@@ -19,6 +19,7 @@ transformers derives positions from the mask's cumsum, so each row sees [prompt]
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from lm_eval.api.registry import register_model
@@ -41,6 +42,9 @@ class CTPLM(HFLM):
         prompt: str | None = None,
         hard_prompt: str | None = None,
         compression: str | None = None,
+        calib_data: str | None = None,
+        calib_nsamples: int | None = None,
+        calib_seqlen: int | None = None,
         prompt_mode: str = "cache",
         **kwargs,
     ) -> None:
@@ -52,9 +56,17 @@ class CTPLM(HFLM):
         path = models.resolve_pretrained(pretrained)
         self.compression = str(compression) if compression not in (None, "", "none") else "none"
         if self.compression != "none":
-            from ctp_eval.compress import ensure_compressed  # compresses once, then reads the disk cache
+            from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
 
-            path = ensure_compressed(path, self.compression)
+            calib = {k: v for k, v in (("dataset", calib_data), ("nsamples", calib_nsamples), ("seqlen", calib_seqlen))
+                     if v is not None}
+            path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib))
+        else:  # a saved compressed checkpoint passed as pretrained= records its own spec
+            from ctp_eval.compress import read_compression_info
+
+            info = read_compression_info(path) if os.path.isdir(path) else None
+            if info:
+                self.compression = info.get("spec", "none")
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=path, **kwargs)
         if self.backend != "causal":
@@ -228,7 +240,6 @@ class CTPLM(HFLM):
 
 def hardware_summary(device) -> str:
     """One line naming the machine a result came from (for leaderboards)."""
-    import os
     import platform
 
     cpu = platform.processor() or platform.machine()

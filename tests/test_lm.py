@@ -174,3 +174,24 @@ def test_wrong_tokenizer_is_refused(tiny_model_dir, tmp_path):
 def test_bad_prompt_mode(tiny_model_dir):
     with pytest.raises(ValueError, match="prompt_mode"):
         ctp(tiny_model_dir, prompt_mode="magic")
+
+
+def test_compression_spec_compresses_on_load_caches_and_records(tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import DATA_DIR
+
+    monkeypatch.setenv("CTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
+    lm = ctp(tiny_llama_dir, compression="gptq:w2", calib_nsamples=4, calib_seqlen=32)
+    assert lm.compression == "gptq:w2"
+    w = lm.model.model.layers[0].mlp.down_proj.weight
+    assert max(len(torch.unique(row)) for row in w) <= 4  # 2 bits per output row
+    cached = sorted((tmp_path / "cache" / "compressed").iterdir())
+    assert len(cached) == 1
+    again = ctp(tiny_llama_dir, compression="gptq:w2", calib_nsamples=4, calib_seqlen=32)  # cache hit
+    assert torch.equal(again.model.model.layers[0].mlp.down_proj.weight, w)
+    assert sorted((tmp_path / "cache" / "compressed").iterdir()) == cached
+    # the cached folder is an ordinary checkpoint that records its own spec
+    direct = ctp(cached[0])
+    assert direct.compression == "gptq:w2" and direct.get_model_info()["ctp_compression"] == "gptq:w2"
+    with pytest.raises(ValueError, match="Invalid compression spec"):
+        ctp(tiny_llama_dir, compression="gptq:w99")
