@@ -93,3 +93,15 @@ def test_export_skips_cleanly(tiny_llama_dir, tmp_path):
     assert msg in str(e.value) or ok
     with pytest.raises(ExportUnavailable, match="nothing to pack"):
         check_exportable(ensure_compressed(str(tiny_llama_dir), "magnitude:2:4", cache_dir=tmp_path, progress=False))
+
+
+def test_model_identity(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    embedded = tmp_path / "models" / models.EMBEDDED_ID
+    embedded.mkdir(parents=True)
+    # the lm-eval model passes the resolved embedded folder: it must key like pretrained=None
+    assert cio._model_identity(str(embedded)) == cio._model_identity(None) == (models.EMBEDDED_ID,) * 2
+    other = tmp_path / "a" / "same-name"
+    other.mkdir(parents=True)
+    assert cio._model_identity(str(other)) == ("same-name", str(other.resolve()))
+    assert cio._model_identity("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M",) * 2
