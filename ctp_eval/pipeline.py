@@ -1,0 +1,207 @@
+"""`ctp-bench`: the whole study for one model, end to end and resumable.
+
+For each compression spec: compress (cached) -> evaluate without prompt and with the paper's hard prompt ->
+train a soft prompt on C4 (`ctp-train`, resumable) -> evaluate with it; then the leaderboard. Every step is a
+subprocess of the project's own commands (`lm_eval --model ctp`, `ctp-train`), so the results JSON files are
+exactly what a user would get, and a finished step (its results JSON / finished prompt exists) is skipped on
+the next call. Interrupting loses at most the step in flight (training resumes from its last checkpoint).
+
+Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable), prompts/<spec>-k<k>.safetensors (finished
+prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
+commands.log (every command run, with exit code and wall time). Compressed models go to the ctp cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctp_eval.configargs import add_dataclass_args, config_from_args
+
+logger = logging.getLogger(__name__)
+
+PPL_TASKS = "ctp_c4,ctp_wikitext2,ctp_ptb"
+MC_TASKS = "ctp_openbookqa,ctp_hellaswag,ctp_piqa,ctp_mmlu_hs_european_history"
+PAPER_SPECS = "gptq:w4,gptq:w3g128,gptq:w2g64,sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,sparsegpt:0.5+gptq:w4"
+
+
+def _m(help_text: str) -> dict:
+    return {"help": help_text}
+
+
+@dataclass
+class BenchConfig:
+    out: str = field(default="runs/bench", metadata=_m("work folder (resumable): prompts/, results/, commands.log"))
+    model: str | None = field(default=None, metadata=_m("HF id or folder; default: embedded SmolLM2-135M"))
+    specs: str = field(default=PAPER_SPECS, metadata=_m("comma-separated compression specs (dense is always run)"))
+    ppl_tasks: str = field(default=PPL_TASKS, metadata=_m("perplexity tasks, evaluated in full unless --ppl-limit"))
+    mc_tasks: str = field(default=MC_TASKS, metadata=_m("multiple-choice tasks ('' to skip)"))
+    ppl_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for the PPL tasks (shards of 10)"))
+    mc_limit: float | None = field(default=200, metadata=_m("lm-eval --limit for MC tasks on non-dense rows"))
+    dense_mc_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for MC tasks on the dense row"))
+    hard_prompt: bool = field(default=True, metadata=_m("also evaluate the paper's hard prompt"))
+    k: int = field(default=100, metadata=_m("soft prompt length"))
+    steps: int = field(default=200, metadata=_m("ctp-train steps per spec"))
+    batch_size: int = field(default=4, metadata=_m("ctp-train batch"))
+    seqlen: int = field(default=512, metadata=_m("ctp-train window length"))
+    eval_every: int = field(default=50, metadata=_m("ctp-train validation interval"))
+    val_windows: int = field(default=8, metadata=_m("ctp-train validation windows"))
+    calib_nsamples: int = field(default=128, metadata=_m("calibration sequences for compression"))
+    calib_seqlen: int = field(default=2048, metadata=_m("calibration sequence length"))
+    dtype: str = field(default="float32", metadata=_m("evaluation/training dtype"))
+    eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
+    leaderboard: str | None = field(default=None, metadata=_m("markdown file to write (default OUT/leaderboard.md)"))
+    prompts_dir: str | None = field(default=None, metadata=_m("where finished prompts are published (default OUT/prompts)"))
+    results_dir: str | None = field(default=None, metadata=_m("where lm-eval results go (default OUT/results)"))
+    quick: bool = field(default=False, metadata=_m("tiny budget (<~15 min on 2 CPU cores): one spec, 1/10 of WikiText-2, PIQA x20"))
+    dry_run: bool = field(default=False, metadata=_m("print the commands without running them"))
+
+    def __post_init__(self):
+        if self.quick:
+            self.specs, self.ppl_tasks, self.mc_tasks = "gptq:w3g128", "ctp_wikitext2", "ctp_piqa"
+            self.ppl_limit, self.mc_limit, self.dense_mc_limit = 1, 20, 20
+            self.steps, self.batch_size, self.seqlen, self.eval_every, self.val_windows = 30, 2, 256, 15, 4
+            self.calib_nsamples, self.calib_seqlen = 16, 512
+        from ctp_eval.compress import parse_spec
+
+        self.spec_list = [str(parse_spec(s.strip())) for s in self.specs.split(",") if s.strip()]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+class Runner:
+    def __init__(self, cfg: BenchConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prompts = Path(cfg.prompts_dir or self.out / "prompts")
+        self.results = Path(cfg.results_dir or self.out / "results")
+
+    def run(self, cmd: list[str], what: str) -> None:
+        line = shlex.join(cmd)
+        print(f"[ctp-bench] {what}\n  $ {line}", flush=True)
+        if self.cfg.dry_run:
+            return
+        t0 = time.time()
+        proc = subprocess.run(cmd)
+        wall = time.time() - t0
+        with open(self.out / "commands.log", "a") as f:
+            f.write(json.dumps({"what": what, "cmd": line, "rc": proc.returncode, "wall_s": round(wall, 1),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        if proc.returncode != 0:
+            raise SystemExit(f"ctp-bench: step failed ({what}, exit {proc.returncode}); rerun to resume")
+
+    # ----- steps -------------------------------------------------------------------------------------------
+    def compressed(self, spec: str) -> str:
+        """Compress once into OUT/compressed/<slug> (a normal HF folder); later evals load it directly."""
+        from ctp_eval.compress import CalibConfig, ensure_compressed
+
+        cfg = self.cfg
+        if spec == "none":
+            from ctp_eval.models import resolve_pretrained
+
+            return resolve_pretrained(cfg.model)
+        print(f"[ctp-bench] compress {spec} (cached)", flush=True)
+        if cfg.dry_run:
+            return f"<compressed {spec}>"
+        calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
+        # The default cache, so that `lm_eval --model ctp --model_args compression=SPEC,calib_...` finds it.
+        return ensure_compressed(cfg.model, spec, calib=calib)
+
+    def model_args(self, spec: str) -> str:
+        """model_args a user can paste anywhere: the spec and calibration, not a machine-local path."""
+        cfg = self.cfg
+        args = [f"pretrained={cfg.model}"] if cfg.model else []
+        if spec != "none":
+            args += [f"compression={spec}", f"calib_nsamples={cfg.calib_nsamples}", f"calib_seqlen={cfg.calib_seqlen}"]
+        return ",".join(args)
+
+    def evaluate(self, name: str, model_args: str, dense: bool) -> None:
+        cfg = self.cfg
+        groups = [("ppl", cfg.ppl_tasks, cfg.ppl_limit), ("mc", cfg.mc_tasks, cfg.dense_mc_limit if dense else cfg.mc_limit)]
+        for part, tasks, limit in groups:
+            if not tasks:
+                continue
+            dest = self.results / f"{name}-{part}"
+            if any(dest.rglob("results_*.json")):
+                print(f"[ctp-bench] skip eval {name} {part}: results exist", flush=True)
+                continue
+            full_args = ",".join(a for a in (model_args, f"dtype={cfg.dtype}") if a)
+            cmd = [_bin("lm_eval"), "--model", "ctp", "--model_args", full_args,
+                   "--tasks", tasks, "--batch_size", str(cfg.eval_batch_size), "--output_path", str(dest)]
+            if limit is not None:
+                cmd += ["--limit", f"{limit:g}"]
+            self.run(cmd, f"evaluate {name} ({part})")
+
+    def train(self, spec: str, path: str) -> Path:
+        cfg = self.cfg
+        out = self.out / "train" / f"{slug(spec)}-k{cfg.k}"
+        published = self.prompts / f"{slug(spec)}-k{cfg.k}.safetensors"
+        if published.exists():
+            print(f"[ctp-bench] skip training {spec}: {published} exists", flush=True)
+            return published
+        cmd = [_bin("ctp-train"), "--out", str(out), "--model", path, "--k", str(cfg.k), "--steps", str(cfg.steps),
+               "--batch-size", str(cfg.batch_size), "--seqlen", str(cfg.seqlen), "--eval-every", str(cfg.eval_every),
+               "--save-every", str(cfg.eval_every), "--val-windows", str(cfg.val_windows), "--dtype", cfg.dtype,
+               "--resume"]
+        self.run(cmd, f"train prompt on {spec}")
+        if not cfg.dry_run:  # publish the best-validation prompt only once training has finished
+            import shutil
+
+            self.prompts.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "prompt.safetensors", published.with_suffix(".tmp"))
+            os.replace(published.with_suffix(".tmp"), published)
+        return published
+
+    def all(self) -> Path | None:
+        cfg = self.cfg
+        self.evaluate("dense", self.model_args("none"), dense=True)
+        for spec in cfg.spec_list:
+            path = self.compressed(spec)
+            args = self.model_args(spec)
+            self.evaluate(f"{slug(spec)}-none", args, dense=False)
+            if cfg.hard_prompt:
+                self.evaluate(f"{slug(spec)}-hard", f"{args},hard_prompt=paper", dense=False)
+            prompt = self.train(spec, path)
+            self.evaluate(f"{slug(spec)}-learned-k{cfg.k}", f"{args},prompt={prompt}", dense=False)
+        if cfg.dry_run:
+            return None
+        from ctp_eval.leaderboard import write_leaderboard
+
+        md = Path(cfg.leaderboard or self.out / "leaderboard.md")
+        return write_leaderboard([self.results], md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="ctp-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, BenchConfig)
+    try:
+        cfg = config_from_args(BenchConfig, ap.parse_args(argv))
+    except ValueError as err:
+        ap.error(str(err))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "bench_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    md = Runner(cfg).all()
+    if md:
+        print(f"[ctp-bench] leaderboard: {md}")
+
+
+if __name__ == "__main__":
+    main()
