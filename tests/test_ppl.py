@@ -120,3 +120,24 @@ def test_more_shards_than_windows(model, tiny_tokenizer, corpus):
 def test_score_protocol_requests_checks_length(model, tiny_tokenizer, corpus):
     with pytest.raises(ValueError, match="exceeds"):
         ppl.score_protocol_requests(_fake_lm(model, tiny_tokenizer, max_length=16), _requests(corpus, 1))
+
+
+def test_ctp_lm_route_with_prompt_matches_perplexity(tiny_llama_dir, tiny_tokenizer, corpus, tmp_path):
+    """CTPLM (prefix-KV prompt) through score_protocol_requests == perplexity(prompt=...), same scored tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from ctp_eval.lm import CTPLM
+    from ctp_eval.prompt import SoftPrompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    embeds = torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 0.5  # (k, d)
+    path = SoftPrompt.for_model(embeds, model, tiny_tokenizer).save(tmp_path / "p.safetensors")
+    direct = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN, prompt=embeds)
+    plain = ppl.perplexity(model, tiny_tokenizer, name=corpus, seqlen=SEQLEN)
+    for prompt in (str(path), None):
+        lm = CTPLM(pretrained=str(tiny_llama_dir), prompt=prompt, device="cpu", dtype="float32", batch_size=2)
+        out = ppl.score_protocol_requests(lm, _requests(corpus, n_shards=3))
+        loglik, n = sum(o[0] for o in out), sum(o[1] for o in out)
+        assert n == direct.n_tokens == plain.n_tokens
+        expected = direct if prompt else plain
+        assert math.exp(-loglik / n) == pytest.approx(expected.ppl, rel=1e-5)
