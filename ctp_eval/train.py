@@ -10,8 +10,11 @@ Outputs in --out: prompt.safetensors (best validation; `ctp_eval.prompt` format 
 last.safetensors (latest), checkpoint/ (exact resume: see `ctp_eval.trainutil`), train_log.jsonl, config.json.
 With --method lora: adapter/ and last_adapter/ (PEFT folders) instead of the two prompt files.
 
-Multi-GPU: `accelerate launch --num_processes N -m ctp_eval.train ...` runs N data-parallel ranks; each takes
-its share of every global batch (batch_size per rank) and the trainable gradients are averaged by all-reduce.
+Multi-GPU: `accelerate launch --multi_gpu --num_processes N -m ctp_eval.train ...` (or `torchrun
+--nproc_per_node N -m ctp_eval.train ...`) runs N data-parallel ranks; rank r takes rows r*B..(r+1)*B-1 of
+every global batch of N*B windows, the trainable gradients are averaged by all-reduce (no DDP wrapper: the
+only trainable tensor is the prompt), and validation windows are split over the ranks. The result equals a
+single process with batch N*B (tested with 2 gloo ranks on CPU). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class TrainConfig:
     lora_dropout: float = field(default=0.1, metadata=_meta("LoRA dropout"))
     lora_targets: str = field(default="q_proj,v_proj", metadata=_meta("comma-separated LoRA target modules"))
     seed: int = field(default=0, metadata=_meta("seed for init, data order and dropout"))
-    device: str = field(default="auto", metadata=_meta("auto | cpu | cuda | cuda:N (ignored under accelerate launch)"))
+    device: str = field(default="auto", metadata=_meta("auto | cpu | cuda | cuda:N (multi-process: cuda:LOCAL_RANK)"))
     resume: bool = field(default=False, metadata=_meta("continue from --out/checkpoint (fresh start if none)"))
     overwrite: bool = field(default=False, metadata=_meta("delete a previous run's outputs in --out first"))
     stop_after: int | None = field(default=None, metadata=_meta("stop with a checkpoint after N steps in this call"))
@@ -422,7 +425,7 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog="ctp-train", description="Learn a soft prompt (or LoRA baseline) for a (compressed) causal LM.",
-        epilog="Multi-GPU: accelerate launch --num_processes N -m ctp_eval.train --out DIR ... "
+        epilog="Multi-GPU: accelerate launch --multi_gpu --num_processes N -m ctp_eval.train --out DIR ... "
                "(--batch-size is per process). Interrupt with Ctrl-C/SIGTERM and continue with --resume.")
     add_dataclass_args(parser, TrainConfig, required=("out",))
     return parser
@@ -449,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     except (TrainError, DataUnavailableError, PromptError, FileNotFoundError) as err:
         print(f"ctp-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: one summary, from rank 0
+        return
     print(f"val ppl {result.val_ppl_before:.4f} -> {result.best_val_ppl:.4f} (best at step {result.best_step}); "
           f"{result.steps_done} steps, {result.tokens_per_s:.1f} tok/s, {result.trainable_params} trainable params")
     print(f"best: {result.artifact}")

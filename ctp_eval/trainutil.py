@@ -210,13 +210,20 @@ class Dist:
 
 
 def distributed(device: str) -> Dist:
+    """Rank info. Under `accelerate launch` / torchrun (WORLD_SIZE > 1) join the process group those launchers
+    describe in the environment: NCCL with one GPU per LOCAL_RANK, else gloo on CPU. (accelerate's
+    PartialState reports a single process for a CPU-only torchrun, so we read torch.distributed directly.)"""
     import torch
+    import torch.distributed as tdist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` / torchrun
-        from accelerate import PartialState
-
-        state = PartialState()
-        return Dist(state.device, state.process_index, state.num_processes)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if cuda else "gloo")
+        dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        return Dist(dev, tdist.get_rank(), tdist.get_world_size())
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Dist(torch.device(device))

@@ -249,3 +249,18 @@ def test_lora_writes_peft_adapter_with_expected_params(tiny_llama_dir, corpus, t
     assert sum(t.numel() for t in weights.values()) == result.trainable_params
     peft_model = PeftModel.from_pretrained(build_model("llama"), str(adapter))
     assert peft_model.peft_config["default"].r == 8
+
+
+@pytest.mark.slow  # two torchrun worker processes: ~20 s on a loaded 2-core machine
+def test_data_parallel_equals_single_process(tiny_llama_dir, corpus, tmp_path):
+    flags = ["--model", str(tiny_llama_dir), "--data", str(corpus / "train.txt"), "--val-data", str(corpus / "val.txt"),
+             "--k", "4", "--seqlen", "32", "--steps", "4", "--eval-every", "2", "--val-windows", "5", "--lr", "0.01",
+             "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctp_eval.train",
+                    "--out", str(tmp_path / "ddp"), "--batch-size", "1", *flags], env=env, check=True, capture_output=True)
+    T.main(["--out", str(tmp_path / "one"), "--batch-size", "2", *flags])
+    for name in ("prompt.safetensors", "last.safetensors"):
+        a, b = SoftPrompt.load(tmp_path / "ddp" / name), SoftPrompt.load(tmp_path / "one" / name)
+        torch.testing.assert_close(a.embeds, b.embeds, rtol=1e-5, atol=1e-6)
+        assert a.meta.val_ppl_after == pytest.approx(b.meta.val_ppl_after, rel=1e-6)
