@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")
     ap.add_argument("--specs", nargs="+", default=DEFAULT_SPECS, help="compression specs ('none' is always added)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the RTN / magnitude counterpart of each spec")
+    ap.add_argument("--no-dense", action="store_true", help="skip the uncompressed row (e.g. when splitting a run)")
     ap.add_argument("--seqlen", type=int, default=1024, help="perplexity window (paper: 1024)")
     ap.add_argument("--limit-windows", type=int, default=None, help="score only the first N windows")
     ap.add_argument("--ppl-batch-size", type=int, default=1)
@@ -56,11 +57,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    specs = ["none"]
+    specs = [] if args.no_dense else ["none"]
     for s in args.specs:
         spec = parse_spec(s)
         for cand in (spec, baseline_spec(spec)) if not args.no_baselines else (spec,):
-            if str(cand) not in specs:
+            if str(cand) not in specs and not (args.no_dense and cand.is_none):
                 specs.append(str(cand))
 
     dense, tok = load_model_and_tokenizer(args.model, device=args.device)
