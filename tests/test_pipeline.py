@@ -1,0 +1,52 @@
+"""ctp-bench end to end on a tiny model: every step runs the real commands; a second call skips them all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctp_eval.pipeline import BenchConfig, slug
+
+BIN = Path(sys.executable).parent
+
+
+def test_quick_config_and_spec_validation():
+    cfg = BenchConfig(quick=True)
+    assert cfg.spec_list == ["gptq:w3g128"] and cfg.steps == 30
+    assert BenchConfig(specs="gptq:w4, sparsegpt:0.5").spec_list == ["gptq:w4", "sparsegpt:0.5"]
+    with pytest.raises(ValueError, match="Invalid compression spec"):
+        BenchConfig(specs="gptq:w4,zip:9")
+    assert slug("sparsegpt:0.5+gptq:w4") == "sparsegpt-0-5-gptq-w4"
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_resumable(tmp_path):
+    from conftest import DATA_DIR, build_model, build_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tok = build_tokenizer()
+    build_model("llama", vocab_size=len(tok), max_pos=512).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "bench"
+    env = {"CTP_DATA_DIR": str(DATA_DIR), "CTP_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "CTP_PPL_SEQLEN": "128", "PATH": str(BIN) + ":/usr/bin:/bin"}
+    cmd = [str(BIN / "ctp-bench"), "--out", str(out), "--model", str(model_dir), "--specs", "gptq:w4",
+           "--ppl-tasks", "ctp_wikitext2", "--ppl-limit", "1", "--mc-tasks", "ctp_piqa", "--mc-limit", "4",
+           "--dense-mc-limit", "4", "--no-hard-prompt", "--k", "4", "--steps", "2", "--batch-size", "2",
+           "--seqlen", "64", "--eval-every", "1", "--val-windows", "1", "--calib-nsamples", "4", "--calib-seqlen", "64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "commands.log").read_text().splitlines()]
+    assert len(log) == 7 and all(e["rc"] == 0 for e in log)  # 3 configs x (ppl, mc) + 1 training
+    assert (out / "prompts" / "gptq-w4-k4.safetensors").is_file()
+    md = (out / "leaderboard.md").read_text()
+    assert "gptq:w4, learned prompt (k=4, c4)" in md and "| dense" in md
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0
+    assert len((out / "commands.log").read_text().splitlines()) == 7  # nothing re-run
+    assert again.stdout.count("skip") == 7
