@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -32,6 +33,45 @@ def train_main(argv: list[str] | None = None) -> None:
     from ctp_eval.train import main
 
     main(argv)
+
+
+def compress_main(argv: list[str] | None = None) -> None:
+    """`ctp-compress --spec gptq:w3g128 [--model M] [--out DIR]`: compress once, reuse in many runs.
+
+    The result is cached under $CTP_CACHE_DIR/compressed (keyed by model + spec + calibration + options), which is
+    where `lm_eval --model ctp --model_args compression=SPEC` looks; `--out` also copies it to a folder of
+    your choice, loadable with `pretrained=DIR`.
+    """
+    import argparse
+    import logging
+    import shutil
+
+    from ctp_eval.compress import CalibConfig, CompressOptions, SpecError, ensure_compressed
+    from ctp_eval.configargs import add_dataclass_args, config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="ctp-compress", description=compress_main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", required=True, help="compression spec, e.g. gptq:w3g128, sparsegpt:0.5+gptq:w4")
+    ap.add_argument("--model", default=None, help="HF id or folder; default: embedded SmolLM2-135M")
+    ap.add_argument("--out", default=None, help="also copy the compressed checkpoint to this folder")
+    ap.add_argument("--device", default="cpu", help="where each block is solved (cpu, cuda, ...)")
+    calib = ap.add_argument_group("calibration")
+    add_dataclass_args(calib, CalibConfig)
+    solver = ap.add_argument_group("solver")
+    add_dataclass_args(solver, CompressOptions)
+    args = ap.parse_args(argv)
+    try:
+        path = ensure_compressed(args.model, args.spec, calib=config_from_args(CalibConfig, args),
+                                 options=config_from_args(CompressOptions, args), device=args.device)
+    except (SpecError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"ctp-compress: {err}")
+    if args.out:
+        if os.path.exists(args.out):
+            raise SystemExit(f"ctp-compress: {args.out} exists; choose a new folder")
+        shutil.copytree(path, args.out)
+        path = args.out
+    print(path)
 
 
 def leaderboard_main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,36 @@
+"""`ctp-compress`: compress into the cache, copy out, and the copy loads as an ordinary checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctp_eval.cli import compress_main
+
+
+def test_ctp_compress_writes_a_loadable_checkpoint(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from conftest import DATA_DIR
+
+    monkeypatch.setenv("CTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
+    out = tmp_path / "w4"
+    compress_main(["--spec", "sparsegpt:0.5", "--model", str(tiny_llama_dir), "--out", str(out),
+                   "--nsamples", "4", "--seqlen", "32"])
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    info = json.loads((out / "ctp_compression.json").read_text())
+    assert info["spec"] == "sparsegpt:0.5"
+    from ctp_eval.lm import CTPLM
+
+    lm = CTPLM(pretrained=str(out), device="cpu", dtype="float32")
+    w = lm.model.model.layers[1].self_attn.q_proj.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    assert lm.get_model_info()["ctp_compression"] == "sparsegpt:0.5"
+    with pytest.raises(SystemExit, match="exists"):
+        compress_main(["--spec", "sparsegpt:0.5", "--model", str(tiny_llama_dir), "--out", str(out),
+                       "--nsamples", "4", "--seqlen", "32"])
+
+
+def test_ctp_compress_rejects_bad_spec():
+    with pytest.raises(SystemExit, match="Valid forms"):
+        compress_main(["--spec", "prune:lots"])
