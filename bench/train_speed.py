@@ -7,6 +7,8 @@ Each variant runs in its own subprocess so that neither sees the other's allocat
   ctp       `ctp_eval.train.train_step` as ctp-train runs it (chunked LM-head loss, text positions only)
   ctp-full  the same step with --loss-chunk 0 (full (B, T, V) logits through forward_with_prompt)
   peft      get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
+With --interleave, speed is also measured with all variants in one process, their steps alternated, which is
+the fair comparison on a shared machine whose load drifts (memory still comes from the separate processes).
 Timed: `--steps` optimizer steps after `--warmup` untimed ones. Memory: on CUDA, max_memory_allocated during
 the steps; on CPU, the peak resident set sampled every 2 ms from the loaded model until the last step,
 minus the RSS right after loading (the model itself is the same for all three).
@@ -52,7 +54,7 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def worker(args) -> dict:
+def _setup(args):
     import torch
 
     from ctp_eval.models import load_model_and_tokenizer
@@ -63,7 +65,14 @@ def worker(args) -> dict:
     ids = torch.randint(0, len(tok), (args.batch_size, args.seqlen), generator=gen).to(args.device)
     cuda = args.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == torch.bfloat16 else None
-    if args.variant == "peft":
+    return model, tok, ids, autocast
+
+
+def _make_step(variant, args, model, tok, ids, autocast):
+    """(step function, trainable params) of one variant on an already loaded model."""
+    import torch
+
+    if variant == "peft":
         from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
         peft_model = get_peft_model(model, PromptTuningConfig(
@@ -82,13 +91,45 @@ def worker(args) -> dict:
         from ctp_eval.train import TrainConfig, build_tuner, make_optimizer, train_step
 
         cfg = TrainConfig(out="-", k=args.k, seqlen=args.seqlen, batch_size=args.batch_size, steps=1000,
-                          dtype=args.dtype, loss_chunk=0 if args.variant == "ctp-full" else args.loss_chunk)
+                          dtype=args.dtype, loss_chunk=0 if variant == "ctp-full" else args.loss_chunk)
         tuner = build_tuner(model, tok, cfg)
         opt, sched = make_optimizer(tuner, cfg)
         params = tuner.parameters()
 
         def step():
             train_step(tuner, opt, sched, ids, cfg.max_grad_norm, autocast)
+    return step, params
+
+
+def interleaved(args) -> dict:
+    """Speed only, all variants in one process, steps alternated (ABCABC...): on a shared machine whose load
+    changes by the minute, this compares like with like far better than runs one after the other."""
+    import statistics
+
+    import torch
+
+    model, tok, ids, autocast = _setup(args)
+    variants = args.variants.split(",")
+    steps = {v: _make_step(v, args, model, tok, ids, autocast)[0] for v in variants}
+    model.train()
+    times = {v: [] for v in variants}
+    for i in range(args.warmup + args.steps):
+        for v in variants:
+            t0 = time.perf_counter()
+            steps[v]()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+    return {v: args.batch_size * args.seqlen / statistics.median(t) for v, t in times.items()}
+
+
+def worker(args) -> dict:
+    import torch
+
+    model, tok, ids, autocast = _setup(args)
+    cuda = args.device.startswith("cuda")
+    step, params = _make_step(args.variant, args, model, tok, ids, autocast)
     model.train()
     loaded = _rss()
     if cuda:
@@ -124,6 +165,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--interleave", action="store_true",
+                   help="also time all variants in one process, steps alternated (median tok/s; robust to load)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set in the worker subprocesses
     args = p.parse_args(argv)
     if args.variant:
@@ -147,6 +190,12 @@ def main(argv=None) -> None:
     if "ctp" in results and "peft" in results:
         c, q = results["ctp"], results["peft"]
         print(f"ctp/peft: speed x{c['tok_s'] / q['tok_s']:.2f}, memory x{c['peak_mib'] / q['peak_mib']:.2f}")
+    if args.interleave:
+        speed = interleaved(args)
+        print("interleaved (one process, alternating steps, median): " +
+              ", ".join(f"{v} {t:.1f} tok/s" for v, t in speed.items()))
+        if "ctp" in speed and "peft" in speed:
+            print(f"interleaved ctp/peft speed x{speed['ctp'] / speed['peft']:.2f}")
 
 
 if __name__ == "__main__":
