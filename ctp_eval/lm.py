@@ -45,6 +45,7 @@ class CTPLM(HFLM):
         calib_data: str | None = None,
         calib_nsamples: int | None = None,
         calib_seqlen: int | None = None,
+        data_dir: str | None = None,
         prompt_mode: str = "cache",
         **kwargs,
     ) -> None:
@@ -60,7 +61,8 @@ class CTPLM(HFLM):
 
             calib = {k: v for k, v in (("dataset", calib_data), ("nsamples", calib_nsamples), ("seqlen", calib_seqlen))
                      if v is not None}
-            path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib))
+            # data_dir (also read by the ctp_* tasks from the merged model args) is ours, never HFLM's.
+            path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib), data_dir=data_dir)
         else:  # a saved compressed checkpoint passed as pretrained= records its own spec
             from ctp_eval.compress import read_compression_info
 

@@ -195,3 +195,8 @@ def test_compression_spec_compresses_on_load_caches_and_records(tiny_llama_dir, 
     assert direct.compression == "gptq:w2" and direct.get_model_info()["ctp_compression"] == "gptq:w2"
     with pytest.raises(ValueError, match="Invalid compression spec"):
         ctp(tiny_llama_dir, compression="gptq:w99")
+
+
+def test_data_dir_model_arg_is_not_passed_to_transformers(tiny_llama_dir, tmp_path):
+    lm = ctp(tiny_llama_dir, data_dir=str(tmp_path))  # HFLM would hand an unknown kwarg to from_pretrained
+    assert lm.k == 0
