@@ -90,7 +90,8 @@ def model_id(pretrained: str | os.PathLike | None) -> str:
             import json
 
             return json.loads(cfg.read_text()).get("base_model", Path(p).name)
-        if Path(p).resolve() == embedded_model_dir().resolve():
+        embedded = default_cache_dir() / "models" / EMBEDDED_ID  # compare paths only: never convert here
+        if embedded.exists() and Path(p).resolve() == embedded.resolve():
             return EMBEDDED_ID
         return Path(p).name
     return p
