@@ -61,6 +61,7 @@ class BenchConfig:
     dtype: str = field(default="float32", metadata=_m("evaluation/training dtype"))
     eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
     leaderboard: str | None = field(default=None, metadata=_m("markdown file to write (default OUT/leaderboard.md)"))
+    notes_file: str | None = field(default=None, metadata=_m("markdown paragraph for the leaderboard header (budget, caveats)"))
     prompts_dir: str | None = field(default=None, metadata=_m("where finished prompts are published (default OUT/prompts)"))
     results_dir: str | None = field(default=None, metadata=_m("where lm-eval results go (default OUT/results)"))
     quick: bool = field(default=False, metadata=_m("tiny budget (<~15 min on 2 CPU cores): one spec, 1/10 of WikiText-2, PIQA x20"))
@@ -185,7 +186,8 @@ class Runner:
         from ctp_eval.leaderboard import write_leaderboard
 
         md = Path(cfg.leaderboard or self.out / "leaderboard.md")
-        return write_leaderboard([self.results], md)
+        notes = Path(cfg.notes_file).read_text() if cfg.notes_file else ""
+        return write_leaderboard([self.results], md, notes=notes)
 
 
 def main(argv: list[str] | None = None) -> None:
