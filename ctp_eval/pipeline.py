@@ -60,6 +60,9 @@ class BenchConfig:
     calib_seqlen: int = field(default=2048, metadata=_m("calibration sequence length"))
     dtype: str = field(default="float32", metadata=_m("evaluation/training dtype"))
     eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
+    max_length: int | None = field(default=None, metadata=_m(
+        "lm-eval max_length model arg (model window incl. prompt); >= 1024 + k for the PPL tasks. Smaller windows "
+        "make lm-eval's standard word/byte perplexity (long rolling windows) much cheaper on CPU"))
     leaderboard: str | None = field(default=None, metadata=_m("markdown file to write (default OUT/leaderboard.md)"))
     notes_file: str | None = field(default=None, metadata=_m("markdown paragraph for the leaderboard header (budget, caveats)"))
     prompts_dir: str | None = field(default=None, metadata=_m("where finished prompts are published (default OUT/prompts)"))
@@ -143,7 +146,8 @@ class Runner:
             if any(dest.rglob("results_*.json")):
                 print(f"[ctp-bench] skip eval {name} {part}: results exist", flush=True)
                 continue
-            full_args = ",".join(a for a in (model_args, f"dtype={cfg.dtype}") if a)
+            extra = f"dtype={cfg.dtype}" + (f",max_length={cfg.max_length}" if cfg.max_length else "")
+            full_args = ",".join(a for a in (model_args, extra) if a)
             cmd = [_bin("lm_eval"), "--model", "ctp", "--model_args", full_args,
                    "--tasks", tasks, "--batch_size", str(cfg.eval_batch_size), "--output_path", str(dest)]
             if limit is not None:
