@@ -98,8 +98,8 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         r = res["results"][task]
         if task in PPL_TASKS and "token_perplexity,none" in r:
             run.values[task] = float(r["token_perplexity,none"])
-            alias = str(r.get("alias", ""))
-            run.sources[task] = alias.split("(")[-1].rstrip(")") if "(" in alias else alias
+            meta = (res.get("configs", {}).get(task, {}) or {}).get("metadata", {}) or {}
+            run.sources[task] = str(meta.get("source") or r.get("alias", task))
         elif task in MC_TASKS and "acc_norm,none" in r:
             run.values[task] = float(r["acc_norm,none"])
             se = r.get("acc_norm_stderr,none")

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
                  hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0):
-    results = {}
+    results, configs = {}, {}
     for task, v in (ppl or {}).items():
-        results[task] = {"alias": f"{task} (src-{task})", "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
+        results[task] = {"alias": task, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
+        configs[task] = {"metadata": {"source": f"src-{task}"}}
     for task, (acc, se) in (mc or {}).items():
         results[task] = {"alias": task, "acc_norm,none": acc, "acc_norm_stderr,none": se, "acc,none": acc}
     cfg = {
@@ -31,7 +32,7 @@ def write_result(d: Path, name: str, *, compression="none", prompt=None, trained
         cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
     path = d / name / f"results_{name}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"results": results, "config": cfg, "date": date, "lm_eval_version": "0.4.13",
+    path.write_text(json.dumps({"results": results, "configs": configs, "config": cfg, "date": date, "lm_eval_version": "0.4.13",
                                 "total_evaluation_time_seconds": "60.0"}))
     return path
 
