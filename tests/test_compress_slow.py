@@ -1,8 +1,8 @@
-"""Real-model checks on the embedded SmolLM2-135M (slow: run with `-m slow`)."""
+"""Real-model compression checks on the embedded SmolLM2-135M (heavy: run with `-m heavy`)."""
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # ~10 min on 2 CPU cores: kept out of CI
 
 
 def test_smollm2_degradation_is_monotone():
