@@ -349,7 +349,7 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     limited = sorted({(t, r.limits[t]) for r in runs for t in r.limits if r.limits[t] is not None})
     if limited:
         lim = sorted({f"{MC_TASKS.get(t, PPL_TASKS.get(t, t))} --limit {v:g}" for t, v in limited})
-        out.append(f"- Subsets: {', '.join(lim)} (per run in *Runs*); everything else is the full test set.")
+        out.append(f"- Subsets (lm-eval --limit; for the PPL tasks, shards of 10): {', '.join(lim)}; see *Runs* for each run.")
     if notes:
         out += ["", notes.strip()]
     out += ["", "## Main table", "", _table(*main_table(runs)), ""]

@@ -89,7 +89,7 @@ def test_markdown_has_all_tables_and_is_reproducible(results_dir, tmp_path):
     for section in ("## Main table", "## Transfer across compression levels", "## Transfer across training data",
                     "## Prompt length", "## Runs"):
         assert section in text, section
-    assert "PIQA --limit 100" in text
+    assert "PIQA --limit 100" in text and "Subsets" in text
     assert "45.00" in text  # the transfer cell
 
 
