@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--shrink-windows", action="store_true",
+                    help="give prompted variants the same max_length (their text windows shrink by k, so they score "
+                         "more, shorter windows and pad more); default: max_length + k, i.e. the same text windows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,11 +56,14 @@ def main() -> None:
     del model
 
     common = dict(device="cpu", dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    # By default the prompted variants score exactly the same text windows as hf (their window is k longer),
+    # so the difference is the prompt's own cost, not lm-eval's window count / padding.
+    prompted = dict(common, max_length=args.max_length + (0 if args.shrink_windows else args.k))
     lms = {
         "hf": HFLM(pretrained=path, **common),
         "ctp (no prompt)": CTPLM(pretrained=path, **common),
-        f"ctp (k={args.k}, prefix cache)": CTPLM(pretrained=path, prompt=prompt_path, **common),
-        f"ctp (k={args.k}, prepend)": CTPLM(pretrained=path, prompt=prompt_path, prompt_mode="prepend", **common),
+        f"ctp (k={args.k}, prefix cache)": CTPLM(pretrained=path, prompt=prompt_path, **prompted),
+        f"ctp (k={args.k}, prepend)": CTPLM(pretrained=path, prompt=prompt_path, prompt_mode="prepend", **prompted),
     }
     req = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     for lm in lms.values():  # warm-up (allocator, kernels)
@@ -76,6 +82,7 @@ def main() -> None:
     rows = [[n, f"{m:.2f}", f"{len(ids) / m:.0f}", f"{m / base:.3f}", " ".join(f"{t:.2f}" for t in times[n])]
             for n, m in med.items()]
     print(f"model={models.model_id(args.model)} tokens={len(ids)} max_length={args.max_length} "
+          f"(prompted: {prompted['max_length']}) "
           f"batch={args.batch_size} dtype={args.dtype} repeats={args.repeats} threads={torch.get_num_threads()} "
           f"cpu={platform.processor() or platform.machine()} torch={torch.__version__}")
     print(tabulate(rows, headers=["variant", "median s", "tok/s", "vs hf", "runs (s)"]))
