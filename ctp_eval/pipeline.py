@@ -75,7 +75,7 @@ class BenchConfig:
             self.specs, self.ppl_tasks, self.mc_tasks = "gptq:w3g128", "ctp_wikitext2", "ctp_piqa"
             self.ppl_limit, self.mc_limit, self.dense_mc_limit = 1, 20, 20
             self.steps, self.batch_size, self.seqlen, self.eval_every, self.val_windows = 30, 2, 256, 15, 4
-            self.calib_nsamples, self.calib_seqlen = 16, 512
+            self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
         from ctp_eval.compress import parse_spec
 
         self.spec_list = [str(parse_spec(s.strip())) for s in self.specs.split(",") if s.strip()]
