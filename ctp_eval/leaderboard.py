@@ -151,21 +151,15 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
 # ----- ordering --------------------------------------------------------------------------------------------
 def spec_sort_key(spec: str) -> tuple:
     """none, then quantization (more bits first), then sparsity (less first), then joint specs."""
-    if spec == "none":
-        return (0, 0.0, 0.0, spec)
-    parts = spec.split("+")
-    bits, sparsity = 16.0, 0.0
-    for part in parts:
-        method, _, arg = part.partition(":")
-        if method in ("gptq", "rtn"):
-            bits = float(arg[1:].split("g")[0].split("-")[0])
-        elif ":" in arg:
-            n, m = arg.split(":")
-            sparsity = 1 - int(n) / int(m)
-        else:
-            sparsity = float(arg)
-    family = 3 if len(parts) > 1 else (1 if bits < 16 else 2)
-    method = parts[0].split(":")[0]
+    from ctp_eval.compress.spec import parse_spec  # the one spec grammar; imports no torch
+
+    parsed = parse_spec(spec)
+    if parsed.is_none:
+        return (0, 0.0, 0.0, False, spec)
+    bits = float(parsed.quant.bits) if parsed.quant else 16.0
+    sparsity = parsed.sparse.sparsity if parsed.sparse else 0.0
+    family = 3 if parsed.quant and parsed.sparse else (1 if parsed.quant else 2)
+    method = (parsed.sparse or parsed.quant).method
     return (family, -bits, sparsity, method not in ("gptq", "sparsegpt"), spec)
 
 

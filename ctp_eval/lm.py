@@ -95,6 +95,7 @@ class CTPLM(HFLM):
 
     # ----- prompt ---------------------------------------------------------------------------------------
     def _build_prompt(self, prompt: str | None, hard_prompt: str | None) -> SoftPrompt | None:
+        self._learned_prompt_params = 0  # only the loaded prompt is learned; hard-prompt rows are token embeddings
         parts = []
         if hard_prompt:  # real tokens, as embeddings: identical to prepending the tokens themselves
             parts.append(SoftPrompt.from_text(hard_prompt, self.model, self.tokenizer))
@@ -106,6 +107,7 @@ class CTPLM(HFLM):
                     "prompt was trained on compression %s, applied to %s (transfer)", soft.meta.compression, self.compression
                 )
             parts.append(soft)
+            self._learned_prompt_params = soft.embeds.numel()
         if not parts:
             return None
         if len(parts) == 1:
@@ -211,11 +213,7 @@ class CTPLM(HFLM):
 
     def trainable_params(self) -> int:
         """What the recovery method trains: learned prompt entries, or LoRA weights (a hard prompt trains 0)."""
-        n = 0
-        if self.prompt_path and self.soft_prompt is not None:
-            n += self.soft_prompt.embeds.numel() if not self.hard_prompt else 0
-            if self.hard_prompt:  # concatenated [hard; soft]: count the soft part only
-                n += SoftPrompt.load(self.prompt_path).embeds.numel()
+        n = self._learned_prompt_params
         if self.peft_path:
             n += sum(p.numel() for name, p in self.model.named_parameters() if "lora_" in name)
         return n

@@ -9,15 +9,14 @@ from ctp_eval.leaderboard import PPL_TASKS, Run, _main_k, label, spec_sort_key
 
 def _level(spec: str) -> tuple[str, float] | None:
     """('quantization', bits) or ('sparsity', fraction) for single-method specs; None for joint/none."""
-    if spec == "none" or "+" in spec:
+    from ctp_eval.compress.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.is_none or (parsed.quant and parsed.sparse):
         return None
-    method, _, arg = spec.partition(":")
-    if method in ("gptq", "rtn"):
-        return "quantization", float(arg[1:].split("g")[0].split("-")[0])
-    if ":" in arg:
-        n, m = arg.split(":")
-        return "sparsity", 1 - int(n) / int(m)
-    return "sparsity", float(arg)
+    if parsed.quant:
+        return "quantization", float(parsed.quant.bits)
+    return "sparsity", parsed.sparse.sparsity
 
 
 def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:

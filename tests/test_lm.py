@@ -200,3 +200,12 @@ def test_compression_spec_compresses_on_load_caches_and_records(tiny_llama_dir, 
 def test_data_dir_model_arg_is_not_passed_to_transformers(tiny_llama_dir, tmp_path):
     lm = ctp(tiny_llama_dir, data_dir=str(tmp_path))  # HFLM would hand an unknown kwarg to from_pretrained
     assert lm.k == 0
+
+
+def test_trainable_params_count_only_the_learned_prompt(tiny_model_dir, prompt_file):
+    learned = ctp(tiny_model_dir, prompt=str(prompt_file))
+    both = ctp(tiny_model_dir, prompt=str(prompt_file), hard_prompt="soft prompt")
+    hard = ctp(tiny_model_dir, hard_prompt="soft prompt")
+    assert learned.trainable_params() == 7 * 64  # make_prompt: k=7, hidden 64
+    assert both.trainable_params() == 7 * 64 and both.k > 7
+    assert hard.trainable_params() == 0
