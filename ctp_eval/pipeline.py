@@ -49,6 +49,9 @@ class BenchConfig:
     ppl_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for the PPL tasks (shards of 10)"))
     mc_limit: float | None = field(default=200, metadata=_m("lm-eval --limit for MC tasks on non-dense rows"))
     dense_mc_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for MC tasks on the dense row"))
+    standard_ppl: bool = field(default=True, metadata=_m(
+        "also compute lm-eval's standard word/byte perplexity on the PPL tasks (a second pass over the data: "
+        "--no-standard-ppl halves their cost; the leaderboard shows token PPL only)"))
     hard_prompt: bool = field(default=True, metadata=_m("also evaluate the paper's hard prompt"))
     k: int = field(default=100, metadata=_m("soft prompt length"))
     steps: int = field(default=200, metadata=_m("ctp-train steps per spec"))
@@ -76,6 +79,7 @@ class BenchConfig:
             self.ppl_limit, self.mc_limit, self.dense_mc_limit = 1, 20, 20
             self.steps, self.batch_size, self.seqlen, self.eval_every, self.val_windows = 30, 2, 256, 15, 4
             self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
+            self.standard_ppl = False
         from ctp_eval.compress import parse_spec
 
         self.spec_list = [str(parse_spec(s.strip())) for s in self.specs.split(",") if s.strip()]
@@ -152,6 +156,8 @@ class Runner:
                    "--tasks", tasks, "--batch_size", str(cfg.eval_batch_size), "--output_path", str(dest)]
             if limit is not None:
                 cmd += ["--limit", f"{limit:g}"]
+            if part == "ppl" and not cfg.standard_ppl:
+                cmd += ["--metadata", json.dumps({"ppl_standard": False})]
             self.run(cmd, f"evaluate {name} ({part})")
 
     def train(self, spec: str, path: str) -> Path:

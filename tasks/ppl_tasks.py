@@ -15,13 +15,15 @@ How a number gets from the corpus into the results JSON:
      from request 1, and with `--model hf` it costs nothing before `process_results` fails clearly;
   1. an ordinary rolling request over doc["text"] (doc without the marker), scored by HFLM's own rolling
      windows, for lm-eval's standard word_perplexity / byte_perplexity / bits_per_byte on the same data.
+  Request 1 doubles the cost of a run; `ppl_standard: false` (task metadata) drops it, and with it the three
+  standard metrics, for budget runs that only need token_perplexity.
 * Metrics. token_perplexity = exp(sum NLL / sum scored tokens) over docs (weighted_perplexity), plus
   scored_tokens (summed) so a run shows how much it scored; the standard three as in lm-eval's wikitext task.
 * Source. The data's name ("wikitext2-test", "c4-train1000[900:]", "c4-val1100", ...) goes into the task
   alias (results JSON `results.<task>.alias`, and the printed table) and `configs.<task>.metadata.source`.
 
 Knobs (task metadata, e.g. `--metadata '{"ppl_seqlen": 2048}'`, or environment): ppl_seqlen / $CTP_PPL_SEQLEN
-(default 1024), ppl_shards (default 10), data_dir / $CTP_DATA_DIR.
+(default 1024), ppl_shards (default 10), ppl_standard (default true), data_dir / $CTP_DATA_DIR.
 """
 
 from __future__ import annotations
@@ -98,24 +100,34 @@ class CTPPerplexityTask(ConfigurableTask):
             f"[ctp_ppl protocol request {spec['source']} seqlen={spec['seqlen']} "
             f"shard={spec['shard']}/{spec['n_shards']} sha1={digest}]"
         )
-        plain = {k: v for k, v in doc.items() if k != "ctp_ppl"}
-        return [
-            Instance(request_type="loglikelihood_rolling", doc=doc, arguments=(descriptor,), idx=0, **kwargs),
-            Instance(request_type="loglikelihood_rolling", doc=plain, arguments=(doc["text"],), idx=1, **kwargs),
-        ]
+        reqs = [Instance(request_type="loglikelihood_rolling", doc=doc, arguments=(descriptor,), idx=0, **kwargs)]
+        if standard_requested(self.config.metadata):
+            plain = {k: v for k, v in doc.items() if k != "ctp_ppl"}
+            reqs.append(Instance(request_type="loglikelihood_rolling", doc=plain, arguments=(doc["text"],), idx=1, **kwargs))
+        return reqs
+
+
+def standard_requested(meta: dict | None) -> bool:
+    """Task metadata `ppl_standard` (default true): also emit request 1 for the standard metrics."""
+    value = (meta or {}).get("ppl_standard", True)
+    if isinstance(value, str):
+        value = value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
 
 
 def process_results(doc: dict, results: list) -> dict:
-    protocol, standard = results
+    protocol = results[0]
     if not (isinstance(protocol, (tuple, list)) and len(protocol) == 2):
         raise RuntimeError(NEEDS_CTP)
     loglik, n_tokens = protocol
-    text = doc["text"]
+    metrics = {"token_perplexity": (float(loglik), int(n_tokens)), "scored_tokens": int(n_tokens)}
+    if len(results) < 2:  # ppl_standard: false
+        return metrics
+    standard, text = results[1], doc["text"]
     words = len(re.split(r"\s+", text))  # as lm-eval's Task.count_words
     n_bytes = len(text.encode("utf-8"))
     return {
-        "token_perplexity": (float(loglik), int(n_tokens)),
-        "scored_tokens": int(n_tokens),
+        **metrics,
         "word_perplexity": (standard, words),
         "byte_perplexity": (standard, n_bytes),
         "bits_per_byte": (standard, n_bytes),

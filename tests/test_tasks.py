@@ -114,10 +114,19 @@ def test_ppl_shards_cover_the_corpus(monkeypatch):
         ppl_tasks.process_results(docs[0], [-12.5, -12.5])  # what HFLM (--model hf) returns
     metrics = ppl_tasks.process_results(docs[0], [(-20.0, 10), -30.0])
     assert metrics["token_perplexity"] == (-20.0, 10) and metrics["scored_tokens"] == 10
+    from lm_eval.api.task import Task
+
+    assert metrics["word_perplexity"] == (-30.0, Task.count_words(docs[0]["text"]))  # lm-eval's own word count
+    assert set(ppl_tasks.process_results(docs[0], [(-20.0, 10)])) == {"token_perplexity", "scored_tokens"}
+    assert ppl_tasks.standard_requested({}) and ppl_tasks.standard_requested({"ppl_standard": "yes"})
+    assert not ppl_tasks.standard_requested({"ppl_standard": False})
+    assert not ppl_tasks.standard_requested({"ppl_standard": "false"})
 
 
-def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
-    """`lm_eval --model ctp --tasks ctp_wikitext2 --limit 1`: token_perplexity equals ppl.py computed directly."""
+@pytest.mark.parametrize("standard", [True, False])
+def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch, standard):
+    """`lm_eval --model ctp --tasks ctp_wikitext2 --limit 1`: token_perplexity equals ppl.py computed directly,
+    with and without the standard rolling request (ppl_standard)."""
     from ctp_eval import data, ppl
 
     model_dir = tmp_path / "tiny"
@@ -129,7 +138,8 @@ def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
     cmd = [
         str(Path(sys.executable).parent / "lm_eval"), "--model", "ctp",
         "--model_args", f"pretrained={model_dir},dtype=float32", "--device", "cpu",
-        "--tasks", "ctp_wikitext2", "--limit", "1", "--metadata", json.dumps({"ppl_seqlen": seqlen, "ppl_shards": shards}),
+        "--tasks", "ctp_wikitext2", "--limit", "1",
+        "--metadata", json.dumps({"ppl_seqlen": seqlen, "ppl_shards": shards, "ppl_standard": standard}),
         "--output_path", str(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -145,7 +155,10 @@ def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
     assert res["scored_tokens,none"] == direct.n_tokens
     assert res["token_perplexity,none"] == pytest.approx(direct.ppl, rel=1e-5)
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
-        assert math.isfinite(res[key])
+        if standard:
+            assert math.isfinite(res[key])
+        else:
+            assert key not in res
 
 
 @pytest.mark.slow
