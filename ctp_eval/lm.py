@@ -145,42 +145,35 @@ class CTPLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if self.k == 0:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
-        do_sample = generation_kwargs.get("do_sample")
-        if generation_kwargs["temperature"] == 0.0 and do_sample is None:
-            generation_kwargs["do_sample"] = do_sample = False
-        if do_sample is False and generation_kwargs["temperature"] == 0.0:
-            generation_kwargs.pop("temperature")
         bsz, k = context.shape[0], self.k
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(context)
         mask = torch.cat([mask.new_ones(bsz, k), mask], dim=1)  # the prompt is always attended
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        # Stop strings are searched in what follows the (k placeholder + context) ids.
+        placeholder = context.new_full((bsz, k), pad_id)
+        if self.prefix_kv is not None:
+            # HFLM's own generate (sampling defaults, stop strings, autocast) on [k placeholder ids][context]:
+            # transformers expects input_ids to cover the cached positions too but only embeds the uncached
+            # tail, so the placeholders are never looked up; stop strings are searched after them.
+            out = super()._model_generate(
+                torch.cat([placeholder, context], dim=1), max_length + k, stop, attention_mask=mask,
+                past_key_values=prefix_cache(self.prefix_kv, bsz, self.model.config), **generation_kwargs,
+            )
+            return out[:, k:]
+        # prompt_mode=prepend (the reference path): generate from inputs_embeds, which HFLM's method cannot pass.
+        # Same decoding defaults as HFLM: greedy unless a temperature > 0 or do_sample is given.
+        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
+            generation_kwargs.pop("temperature", None)
+            generation_kwargs["do_sample"] = False
         stopping = stop_sequences_criteria(self.tokenizer, stop, k + context.shape[1], bsz)
+        embeds = self.model.get_input_embeddings()(context)
+        prefix = self.prompt_embeds.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ):
-            if self.prefix_kv is not None:
-                # transformers expects input_ids to cover the cached positions too; it only embeds the uncached
-                # tail, so the k placeholder ids are never looked up.
-                placeholder = context.new_full((bsz, k), pad_id)
-                out = self.model.generate(
-                    input_ids=torch.cat([placeholder, context], dim=1),
-                    attention_mask=mask,
-                    past_key_values=prefix_cache(self.prefix_kv, bsz, self.model.config),
-                    max_length=max_length + k,
-                    stopping_criteria=stopping,
-                    pad_token_id=pad_id,
-                    use_cache=True,
-                    **generation_kwargs,
-                )
-                return out[:, k:]
-            embeds = self.model.get_input_embeddings()(context)
-            prefix = self.prompt_embeds.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
             # With inputs_embeds, generate returns only new ids; prepend the context as HFLM slices it off.
             new = self.model.generate(
                 inputs_embeds=torch.cat([prefix, embeds], dim=1),
@@ -191,7 +184,7 @@ class CTPLM(HFLM):
                 use_cache=True,
                 **generation_kwargs,
             )
-            return torch.cat([context, new], dim=1)
+        return torch.cat([context, new], dim=1)
 
     # ----- requests -------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
