@@ -6,7 +6,7 @@ subprocess of the project's own commands (`lm_eval --model ctp`, `ctp-train`), s
 exactly what a user would get, and a finished step (its results JSON / finished prompt exists) is skipped on
 the next call. Interrupting loses at most the step in flight (training resumes from its last checkpoint).
 
-Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable), prompts/<spec>-k<k>.safetensors (finished
+Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-k<k>.safetensors (finished
 prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
 commands.log (every command run, with exit code and wall time). Compressed models go to the ctp cache.
 """
@@ -70,6 +70,9 @@ class BenchConfig:
     notes_file: str | None = field(default=None, metadata=_m("markdown paragraph for the leaderboard header (budget, caveats)"))
     prompts_dir: str | None = field(default=None, metadata=_m("where finished prompts are published (default OUT/prompts)"))
     results_dir: str | None = field(default=None, metadata=_m("where lm-eval results go (default OUT/results)"))
+    train_dir: str | None = field(default=None, metadata=_m(
+        "where ctp-train runs live (default OUT/train); a prompt run is ~1 MB (best prompt, last checkpoint, "
+        "log), so a committed folder lets a long training resume on another machine"))
     quick: bool = field(default=False, metadata=_m("tiny budget (<~15 min on 2 CPU cores): one spec, 1/10 of WikiText-2, PIQA x20"))
     dry_run: bool = field(default=False, metadata=_m("print the commands without running them"))
 
@@ -100,6 +103,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.prompts = Path(cfg.prompts_dir or self.out / "prompts")
         self.results = Path(cfg.results_dir or self.out / "results")
+        self.train_root = Path(cfg.train_dir or self.out / "train")
 
     def run(self, cmd: list[str], what: str) -> None:
         line = shlex.join(cmd)
@@ -162,7 +166,7 @@ class Runner:
 
     def train(self, spec: str, path: str) -> Path:
         cfg = self.cfg
-        out = self.out / "train" / f"{slug(spec)}-k{cfg.k}"
+        out = self.train_root / f"{slug(spec)}-k{cfg.k}"
         published = self.prompts / f"{slug(spec)}-k{cfg.k}.safetensors"
         if published.exists():
             print(f"[ctp-bench] skip training {spec}: {published} exists", flush=True)

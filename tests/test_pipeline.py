@@ -36,13 +36,15 @@ def test_pipeline_end_to_end_and_resumable(tmp_path):
            "HF_DATASETS_OFFLINE": "1", "CTP_PPL_SEQLEN": "128", "PATH": str(BIN) + ":/usr/bin:/bin"}
     cmd = [str(BIN / "ctp-bench"), "--out", str(out), "--model", str(model_dir), "--specs", "gptq:w4",
            "--ppl-tasks", "ctp_wikitext2", "--ppl-limit", "1", "--mc-tasks", "ctp_piqa", "--mc-limit", "4",
-           "--dense-mc-limit", "4", "--no-hard-prompt", "--no-standard-ppl", "--k", "4", "--steps", "2", "--batch-size", "2",
+           "--dense-mc-limit", "4", "--no-hard-prompt", "--no-standard-ppl",
+           "--train-dir", str(tmp_path / "kept"), "--k", "4", "--steps", "2", "--batch-size", "2",
            "--seqlen", "64", "--eval-every", "1", "--val-windows", "1", "--calib-nsamples", "4", "--calib-seqlen", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "commands.log").read_text().splitlines()]
     assert len(log) == 7 and all(e["rc"] == 0 for e in log)  # 3 configs x (ppl, mc) + 1 training
     assert (out / "prompts" / "gptq-w4-k4.safetensors").is_file()
+    assert (tmp_path / "kept" / "gptq-w4-k4" / "checkpoint").is_dir() and not (out / "train").exists()
     ppl_res = json.loads(next((out / "results" / "dense-ppl").rglob("results_*.json")).read_text())["results"]
     assert "token_perplexity,none" in ppl_res["ctp_wikitext2"]  # --no-standard-ppl: token PPL only
     assert "word_perplexity,none" not in ppl_res["ctp_wikitext2"]
