@@ -237,7 +237,9 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             continue
         by_spec.setdefault(r.compression, []).append(r)
     headers = ["configuration"] + [_ppl_header(t, runs) for t in ppl] + [f"{MC_TASKS[t]} acc_norm %" for t in mc]
-    headers += ["trainable params", "gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"]
+    recovery = bool(by_spec)  # a dense-only page (e.g. a full-data reference) has nothing to recover
+    if recovery:
+        headers += ["trainable params", "gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"]
     rows = []
     ordered = ([dense] if dense else []) + [r for spec in sorted(by_spec, key=spec_sort_key) for r in by_spec[spec]]
     for r in ordered:
@@ -248,7 +250,8 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 g = gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t))
                 gaps.append("–" if g is None else f"{g:.0f}")
         row = [label(r)] + [fmt_ppl(r.values.get(t)) for t in ppl] + [fmt_acc(r, t) for t in mc]
-        row += [f"{r.trainable_params:,}", " / ".join(gaps) if gaps else ""]
+        if recovery:
+            row += [f"{r.trainable_params:,}", " / ".join(gaps) if gaps else ""]
         rows.append(row)
     return headers, rows
 
@@ -346,8 +349,10 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
         out.append(f"- Subsets (lm-eval --limit; for the PPL tasks, shards of 10): {', '.join(lim)}; see *Runs* for each run.")
     if notes:
         out += ["", notes.strip()]
-    out += ["", "## Main table", "", _table(*main_table(runs)), ""]
-    out.append("Gap recovered = (PPL_compressed − PPL_with_recovery) / (PPL_compressed − PPL_dense), per dataset.")
+    headers, rows = main_table(runs)
+    out += ["", "## Main table", "", _table(headers, rows), ""]
+    if any(h.startswith("gap recovered") for h in headers):
+        out.append("Gap recovered = (PPL_compressed − PPL_with_recovery) / (PPL_compressed − PPL_dense), per dataset.")
     transfer = transfer_tables(runs)
     if transfer:
         out += ["", "## Transfer across compression levels", ""]

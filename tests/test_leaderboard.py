@@ -81,6 +81,17 @@ def test_main_table_rows_and_gap(results_dir):
     assert any("src-ctp_c4" in h for h in headers)  # data source named in the header
 
 
+def test_dense_only_page_has_no_recovery_columns(tmp_path):
+    d = tmp_path / "results"
+    write_result(d, "dense-ppl", ppl={"ctp_c4": 20.0})
+    write_result(d, "dense-mc", mc={"ctp_piqa": (0.6, 0.01)})
+    headers, rows = main_table(load_runs([d]))
+    assert rows == [["dense", "20.00", "60.0 ± 1.0"]]  # the two files merge into one row
+    assert len(headers) == 3
+    text = write_leaderboard([d], tmp_path / "lb.md", title="T", plots=False).read_text()
+    assert "gap recovered" not in text.lower()
+
+
 def test_markdown_has_all_tables_and_is_reproducible(results_dir, tmp_path):
     a = write_leaderboard([results_dir], tmp_path / "a" / "lb.md", title="T", plots=False)
     b = write_leaderboard([results_dir], tmp_path / "b" / "lb.md", title="T", plots=False)
