@@ -151,8 +151,8 @@ class CTPLM(HFLM):
             mask = torch.ones_like(context)
         mask = torch.cat([mask.new_ones(bsz, k), mask], dim=1)  # the prompt is always attended
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        placeholder = context.new_full((bsz, k), pad_id)
         if self.prefix_kv is not None:
+            placeholder = context.new_full((bsz, k), pad_id)
             # HFLM's own generate (sampling defaults, stop strings, autocast) on [k placeholder ids][context]:
             # transformers expects input_ids to cover the cached positions too but only embeds the uncached
             # tail, so the placeholders are never looked up; stop strings are searched after them.

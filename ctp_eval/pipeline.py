@@ -6,8 +6,8 @@ subprocess of the project's own commands (`lm_eval --model ctp`, `ctp-train`), s
 exactly what a user would get, and a finished step (its results JSON / finished prompt exists) is skipped on
 the next call. Interrupting loses at most the step in flight (training resumes from its last checkpoint).
 
-Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-k<k>.safetensors (finished
-prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
+Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-k<k>.safetensors
+(finished prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
 commands.log (every command run, with exit code and wall time). Compressed models go to the ctp cache.
 """
 
@@ -71,8 +71,8 @@ class BenchConfig:
     prompts_dir: str | None = field(default=None, metadata=_m("where finished prompts are published (default OUT/prompts)"))
     results_dir: str | None = field(default=None, metadata=_m("where lm-eval results go (default OUT/results)"))
     train_dir: str | None = field(default=None, metadata=_m(
-        "where ctp-train runs live (default OUT/train); a prompt run is ~1 MB (best prompt, last checkpoint, "
-        "log), so a committed folder lets a long training resume on another machine"))
+        "where ctp-train runs live (default OUT/train); a k=100 SmolLM2 prompt run is 1.4 MB (prompts, "
+        "checkpoint, log), so a committed folder lets a long training resume on another machine"))
     quick: bool = field(default=False, metadata=_m("tiny budget (<~15 min on 2 CPU cores): one spec, 1/10 of WikiText-2, PIQA x20"))
     dry_run: bool = field(default=False, metadata=_m("print the commands without running them"))
 
