@@ -31,10 +31,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 
 from lm_eval.api.instance import Instance
-from lm_eval.api.task import ConfigurableTask
+from lm_eval.api.task import ConfigurableTask, Task
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +123,7 @@ def process_results(doc: dict, results: list) -> dict:
     if len(results) < 2:  # ppl_standard: false
         return metrics
     standard, text = results[1], doc["text"]
-    words = len(re.split(r"\s+", text))  # as lm-eval's Task.count_words
-    n_bytes = len(text.encode("utf-8"))
+    words, n_bytes = Task.count_words(text), Task.count_bytes(text)  # lm-eval's own counts, as its wikitext task
     return {
         **metrics,
         "word_perplexity": (standard, words),

@@ -117,6 +117,7 @@ def test_ppl_shards_cover_the_corpus(monkeypatch):
     from lm_eval.api.task import Task
 
     assert metrics["word_perplexity"] == (-30.0, Task.count_words(docs[0]["text"]))  # lm-eval's own word count
+    assert metrics["byte_perplexity"] == (-30.0, len(docs[0]["text"].encode("utf-8")))
     assert set(ppl_tasks.process_results(docs[0], [(-20.0, 10)])) == {"token_perplexity", "scored_tokens"}
     assert ppl_tasks.standard_requested({}) and ppl_tasks.standard_requested({"ppl_standard": "yes"})
     assert not ppl_tasks.standard_requested({"ppl_standard": False})
