@@ -141,7 +141,7 @@ def _wikitext2_local(root: Path, split: str) -> list[str]:
     if split == "train":
         raise DataUnavailableError(
             "WikiText-2 train is not in the offline data directory (only validation and test are); "
-            "use the hub or another corpus (e.g. c4) for training."
+            "use the hub, another corpus (e.g. c4), or train on validation (ctp-train --data-split validation)."
         )
     return read_jsonl(_require(root / "wikitext2" / f"wikitext2_raw_{split}.jsonl", "WikiText-2"), "text")
 

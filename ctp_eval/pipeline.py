@@ -5,8 +5,11 @@ train a soft prompt on C4 (`ctp-train`, resumable) -> evaluate with it; then the
 subprocess of the project's own commands (`lm_eval --model ctp`, `ctp-train`), so the results JSON files are
 exactly what a user would get, and a finished step (its results JSON / finished prompt exists) is skipped on
 the next call. Interrupting loses at most the step in flight (training resumes from its last checkpoint).
+After the spec loop, --transfer-from A,B evaluates the learned prompts of A and B on every other spec (PPL tasks
+only: the transfer matrix). --train-data/--train-split train on another corpus (the data-transfer table) and
+--k sets the prompt length (the ablation); both go into the run and prompt names (see BenchConfig.prompt_tag).
 
-Layout under --out: train/<spec>-k<k>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-k<k>.safetensors
+Layout under --out: train/<spec>-<tag>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-<tag>.safetensors
 (finished prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
 commands.log (every command run, with exit code and wall time). Compressed models go to the ctp cache.
 """
@@ -53,7 +56,13 @@ class BenchConfig:
         "also compute lm-eval's standard word/byte perplexity on the PPL tasks (a second pass over the data: "
         "--no-standard-ppl halves their cost; the leaderboard shows token PPL only)"))
     hard_prompt: bool = field(default=True, metadata=_m("also evaluate the paper's hard prompt"))
-    k: int = field(default=100, metadata=_m("soft prompt length"))
+    k: int = field(default=100, metadata=_m("soft prompt length (run again with another --k for the length ablation)"))
+    train_data: str = field(default="c4", metadata=_m("ctp-train --data (the paper: c4)"))
+    train_split: str = field(default="train", metadata=_m(
+        "ctp-train --data-split; offline WikiText-2 has no train split: --train-data wikitext2 --train-split validation"))
+    transfer_from: str = field(default="", metadata=_m(
+        "comma-separated specs whose learned prompts (this --k and training data) are also evaluated on every "
+        "other spec of --specs, PPL tasks only (the transfer matrix)"))
     steps: int = field(default=200, metadata=_m("ctp-train steps per spec"))
     batch_size: int = field(default=4, metadata=_m("ctp-train batch"))
     seqlen: int = field(default=512, metadata=_m("ctp-train window length"))
@@ -86,6 +95,15 @@ class BenchConfig:
         from ctp_eval.compress import parse_spec
 
         self.spec_list = [str(parse_spec(s.strip())) for s in self.specs.split(",") if s.strip()]
+        self.transfer_list = [str(parse_spec(s.strip())) for s in self.transfer_from.split(",") if s.strip()]
+        if self.train_split not in ("train", "validation"):
+            raise ValueError(f"--train-split must be train or validation, got {self.train_split!r}")
+
+    @property
+    def prompt_tag(self) -> str:
+        """Names a learned prompt's run: k, plus the training data where it is not the paper's C4 train."""
+        data = "" if (self.train_data, self.train_split) == ("c4", "train") else f"-{slug(self.train_data)}-{self.train_split}"
+        return f"k{self.k}{data}"
 
 
 def slug(text: str) -> str:
@@ -144,9 +162,10 @@ class Runner:
             args += [f"compression={spec}", f"calib_nsamples={cfg.calib_nsamples}", f"calib_seqlen={cfg.calib_seqlen}"]
         return ",".join(args)
 
-    def evaluate(self, name: str, model_args: str, dense: bool) -> None:
+    def evaluate(self, name: str, model_args: str, dense: bool, mc: bool = True) -> None:
         cfg = self.cfg
-        groups = [("ppl", cfg.ppl_tasks, cfg.ppl_limit), ("mc", cfg.mc_tasks, cfg.dense_mc_limit if dense else cfg.mc_limit)]
+        groups = [("ppl", cfg.ppl_tasks, cfg.ppl_limit),
+                  ("mc", cfg.mc_tasks if mc else "", cfg.dense_mc_limit if dense else cfg.mc_limit)]
         for part, tasks, limit in groups:
             if not tasks:
                 continue
@@ -164,17 +183,20 @@ class Runner:
                 cmd += ["--metadata", json.dumps({"ppl_standard": False})]
             self.run(cmd, f"evaluate {name} ({part})")
 
+    def published(self, spec: str) -> Path:
+        return self.prompts / f"{slug(spec)}-{self.cfg.prompt_tag}.safetensors"
+
     def train(self, spec: str, path: str) -> Path:
         cfg = self.cfg
-        out = self.train_root / f"{slug(spec)}-k{cfg.k}"
-        published = self.prompts / f"{slug(spec)}-k{cfg.k}.safetensors"
+        out = self.train_root / f"{slug(spec)}-{cfg.prompt_tag}"
+        published = self.published(spec)
         if published.exists():
             print(f"[ctp-bench] skip training {spec}: {published} exists", flush=True)
             return published
         cmd = [_bin("ctp-train"), "--out", str(out), "--model", path, "--k", str(cfg.k), "--steps", str(cfg.steps),
                "--batch-size", str(cfg.batch_size), "--seqlen", str(cfg.seqlen), "--eval-every", str(cfg.eval_every),
                "--save-every", str(cfg.eval_every), "--val-windows", str(cfg.val_windows), "--dtype", cfg.dtype,
-               "--resume"]
+               "--data", cfg.train_data, "--data-split", cfg.train_split, "--resume"]
         self.run(cmd, f"train prompt on {spec}")
         if not cfg.dry_run:  # publish the best-validation prompt only once training has finished
             import shutil
@@ -194,7 +216,15 @@ class Runner:
             if cfg.hard_prompt:
                 self.evaluate(f"{slug(spec)}-hard", f"{args},hard_prompt=paper", dense=False)
             prompt = self.train(spec, path)
-            self.evaluate(f"{slug(spec)}-learned-k{cfg.k}", f"{args},prompt={prompt}", dense=False)
+            self.evaluate(f"{slug(spec)}-learned-{cfg.prompt_tag}", f"{args},prompt={prompt}", dense=False)
+        for source in cfg.transfer_list:  # after the loop: every source prompt has been trained by now
+            prompt = self.published(source)
+            if not prompt.exists() and not cfg.dry_run:
+                raise SystemExit(f"ctp-bench: --transfer-from {source}: no learned prompt at {prompt}; "
+                                 "add the spec to --specs so that it is trained first")
+            for target in (t for t in cfg.spec_list if t != source):
+                self.evaluate(f"{slug(target)}-prompt-{slug(source)}-{cfg.prompt_tag}",
+                              f"{self.model_args(target)},prompt={prompt}", dense=False, mc=False)
         if cfg.dry_run:
             return None
         from ctp_eval.leaderboard import write_leaderboard

@@ -61,7 +61,10 @@ class TrainConfig:
     method: str = field(default="prompt", metadata=_meta("prompt (soft prompt) or lora (PEFT baseline)", choices=METHODS))
     k: int = field(default=100, metadata=_meta("soft prompt length in tokens"))
     init: str = field(default="vocab", metadata=_meta("prompt init: vocab | random | paper | text:<hard prompt>"))
-    data: str = field(default="c4", metadata=_meta("training corpus (split train): c4, wikitext2, ptb or a .txt/.jsonl path"))
+    data: str = field(default="c4", metadata=_meta("training corpus: c4, wikitext2, ptb or a .txt/.jsonl path"))
+    data_split: str = field(default="train", metadata=_meta(
+        "split of --data to train on: train, or validation where no train split is at hand (offline WikiText-2)",
+        choices=("train", "validation")))
     val_data: str = field(default="c4", metadata=_meta("validation corpus (split validation)"))
     data_dir: str | None = field(default=None, metadata=_meta("data directory (default $CTP_DATA_DIR, else the HF hub)"))
     seqlen: int = field(default=1024, metadata=_meta("tokens per training/validation window (prompt excluded)"))
@@ -104,6 +107,11 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS} and dtype one of {DTYPES}")
         if not (self.init in ("vocab", "random", "paper") or (self.init.startswith("text:") and len(self.init) > 5)):
             raise ValueError(f"init must be vocab, random, paper or text:<prompt>, got {self.init!r}")
+        if self.data_split not in ("train", "validation"):  # never test: the prompt would see the evaluation data
+            raise ValueError(f"--data-split must be train or validation, got {self.data_split!r}")
+        if self.data_split == "validation" and self.data == self.val_data:
+            logger.warning("training on the validation split of %s, which also selects the best checkpoint: "
+                           "pick another --val-data for an honest selection", self.data)
         for flag, name in (("--data", self.data), ("--val-data", self.val_data)):
             if name not in CORPORA and not (name.endswith((".txt", ".jsonl")) and os.path.isfile(name)):
                 raise ValueError(f"{flag} {name!r}: use one of {', '.join(CORPORA)} or a path to an existing .txt/.jsonl file")
@@ -218,10 +226,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     need = cfg.seqlen + (cfg.k if cfg.method == "prompt" else 0)
     if limit is not None and need > limit:
         raise TrainError(f"seqlen {cfg.seqlen} + k {cfg.k} = {need} exceeds the model's {limit} positions")
-    wins = ppl.windows(data.token_stream(tokenizer, cfg.data, "train", cfg.data_dir), cfg.seqlen)  # (N, T)
+    wins = ppl.windows(data.token_stream(tokenizer, cfg.data, cfg.data_split, cfg.data_dir), cfg.seqlen)  # (N, T)
     global_batch = cfg.batch_size * dist.world
     if len(wins) < global_batch:
-        raise TrainError(f"training data {data.corpus_source(cfg.data, 'train', cfg.data_dir)} holds {len(wins)} "
+        raise TrainError(f"training data {data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir)} holds {len(wins)} "
                          f"windows of {cfg.seqlen} tokens, fewer than one batch of {global_batch}; "
                          "use a smaller --seqlen/--batch-size or more data")
     torch.manual_seed(cfg.seed)  # global RNG: LoRA init and dropout
@@ -232,7 +240,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" and dist.device.type == "cuda" else None)
     meta = dict(base_model=base_id, compression=compression, init=cfg.init if cfg.method == "prompt" else "",
-                train_data=data.corpus_source(cfg.data, "train", cfg.data_dir), seed=cfg.seed, seqlen=cfg.seqlen,
+                train_data=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir), seed=cfg.seed, seqlen=cfg.seqlen,
                 val_data=data.corpus_source(cfg.val_data, "validation", cfg.data_dir))
     extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch, steps_planned=cfg.steps,
                  val_windows=cfg.val_windows, dtype=cfg.dtype, trainable_params=sum(p.numel() for p in tuner.parameters()))

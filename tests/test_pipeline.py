@@ -23,6 +23,24 @@ def test_quick_config_and_spec_validation():
     assert slug("sparsegpt:0.5+gptq:w4") == "sparsegpt-0-5-gptq-w4"
 
 
+def test_dry_run_plans_data_and_transfer_runs(tmp_path, capsys):
+    from ctp_eval.pipeline import main
+
+    main(["--out", str(tmp_path), "--specs", "gptq:w4,sparsegpt:0.5", "--transfer-from", "gptq:w4", "--k", "25",
+          "--train-data", "wikitext2", "--train-split", "validation", "--dry-run"])
+    plan = capsys.readouterr().out
+    trains = [line for line in plan.splitlines() if "ctp-train" in line]
+    assert len(trains) == 2 and all("--data wikitext2 --data-split validation" in t and "--k 25" in t for t in trains)
+    learned = tmp_path / "prompts" / "gptq-w4-k25-wikitext2-validation.safetensors"
+    evals = [line for line in plan.splitlines() if "lm_eval" in line]
+    transfer = [e for e in evals if "sparsegpt-0-5-prompt-gptq-w4-k25-wikitext2-validation-" in e]
+    assert len(transfer) == 1 and "ctp_c4,ctp_wikitext2,ctp_ptb" in transfer[0]  # PPL only: no MC for transfer
+    assert f"compression=sparsegpt:0.5,calib_nsamples=128,calib_seqlen=2048,prompt={learned}," in transfer[0]
+    assert not any("gptq-w4-prompt-" in e for e in evals)  # a prompt is not "transferred" onto its own spec
+    with pytest.raises(ValueError, match="train-split"):
+        BenchConfig(train_split="test")
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_resumable(tmp_path):
     from conftest import DATA_DIR, build_model, build_tokenizer
@@ -55,3 +73,13 @@ def test_pipeline_end_to_end_and_resumable(tmp_path):
     assert again.returncode == 0
     assert len((out / "commands.log").read_text().splitlines()) == 7  # nothing re-run
     assert again.stdout.count("skip") == 7
+
+    # A second spec plus the transfer matrix: gptq:w4's prompt evaluated on gptq:w8 (PPL only), nothing redone.
+    more = cmd[:cmd.index("--specs") + 1] + ["gptq:w4,gptq:w8", "--transfer-from", "gptq:w4"] + cmd[cmd.index("--specs") + 2:]
+    proc = subprocess.run(more, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len((out / "commands.log").read_text().splitlines()) == 7 + 5 + 1  # w8: 2 configs x 2 + training; transfer
+    res = json.loads(next((out / "results" / "gptq-w8-prompt-gptq-w4-k4-ppl").rglob("results_*.json")).read_text())
+    assert (res["config"]["ctp_compression"], res["config"]["ctp_prompt_trained_on"]) == ("gptq:w8", "gptq:w4")
+    md = (out / "leaderboard.md").read_text()
+    assert "prompt learned on ↓ / applied to →" in md

@@ -200,6 +200,7 @@ def test_nan_loss_stops_and_keeps_last_good_prompt(tiny_llama_dir, corpus, tmp_p
     (["--compression", "gptq:w9"], "Invalid compression spec"),
     (["--steps", "10", "--warmup-steps", "10"], "warmup_steps"),
     (["--method", "adapter"], "invalid choice"),
+    (["--data-split", "test"], "invalid choice"),
     (["--resume", "--overwrite"], "exclude each other"),
 ])
 def test_bad_flags_exit_with_clear_message(flags, message, tmp_path, capsys):
@@ -218,6 +219,19 @@ def test_bad_data_and_outputs(tiny_llama_dir, corpus, tmp_path):
         T.train(cfg(tmp_path, tiny_llama_dir, corpus, steps=2))
     with pytest.raises(T.TrainError, match="lr=0.2"):
         T.train(cfg(tmp_path, tiny_llama_dir, corpus, steps=2, lr=0.2, resume=True))
+
+
+def test_train_on_a_validation_split(tiny_llama_dir, corpus, tmp_path):
+    # Offline WikiText-2 has no train split: the data-transfer study trains on validation (issue 6, Table 6).
+    from conftest import DATA_DIR
+
+    from ctp_eval import data
+
+    res = T.train(cfg(tmp_path, tiny_llama_dir, corpus, data="wikitext2", data_split="validation",
+                      data_dir=str(DATA_DIR), steps=1, warmup_steps=0))
+    assert SoftPrompt.load(res.artifact).meta.train_data == "wikitext2-validation"
+    with pytest.raises(data.DataUnavailableError, match="--data-split validation"):  # no train split offline
+        T.train(cfg(tmp_path / "t", tiny_llama_dir, corpus, data="wikitext2", data_dir=str(DATA_DIR), steps=1))
 
 
 def test_checkpoint_roundtrip_and_schedule(tmp_path):
