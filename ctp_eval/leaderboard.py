@@ -36,7 +36,8 @@ class Run:
     kind: str  # dense | none | hard | learned | lora
     k: int = 0
     trained_on: str = ""  # compression the prompt / adapter was trained on
-    train_data: str = ""
+    train_data: str = ""  # corpus name (c4, wikitext2, ...): what the tables group by
+    train_source: str = ""  # the exact training data (split and slice), shown in the data-transfer table
     trainable_params: int = 0
     values: dict[str, float] = field(default_factory=dict)  # task -> token PPL or acc_norm
     stderr: dict[str, float] = field(default_factory=dict)
@@ -91,6 +92,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         k=int(cfg.get("ctp_prompt_k") or 0),
         trained_on=(cfg.get("ctp_prompt_trained_on") or compression) if kind in ("learned", "lora") else "",
         train_data=_short_data(cfg.get("ctp_prompt_train_data", "")) if kind in ("learned", "lora") else "",
+        train_source=cfg.get("ctp_prompt_train_data", "") if kind in ("learned", "lora") else "",
         trainable_params=int(cfg.get("ctp_trainable_params") or 0),
     )
     tasks = sorted(res.get("results", {}))
@@ -291,7 +293,7 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
         for r in [x for x in runs if x.kind == "none" and x.compression == spec]:
             rows.append([spec, "(no prompt)"] + [fmt_ppl(r.values.get(t)) for t in ppl])
         for r in sorted((x for x in learned if x.compression == spec), key=lambda x: x.train_data):
-            rows.append([spec, r.train_data] + [fmt_ppl(r.values.get(t)) for t in ppl])
+            rows.append([spec, f"`{r.train_source}`"] + [fmt_ppl(r.values.get(t)) for t in ppl])
     return headers, rows
 
 

@@ -102,6 +102,8 @@ def test_markdown_has_all_tables_and_is_reproducible(results_dir, tmp_path):
         assert section in text, section
     assert "PIQA --limit 100" in text and "Subsets" in text
     assert "45.00" in text  # the transfer cell
+    data_table = text.split("## Transfer across training data")[1].split("##")[0]
+    assert "`wikitext2-validation`" in data_table and "`c4-train1000[:800]`" in data_table  # the exact training data
 
 
 def test_plots_written_and_linked(results_dir, tmp_path):
