@@ -33,6 +33,9 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
+# Splits a prompt may be trained on; never test, the split every table evaluates on.
+TRAIN_SPLITS = ("train", "validation")
+
 DATA_DIR_ENV = "CTP_DATA_DIR"
 
 C4_LOCAL_FILE = "c4/c4_en_train_shard00000_first1000.jsonl"

@@ -93,11 +93,15 @@ class BenchConfig:
             self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
             self.standard_ppl = False
         from ctp_eval.compress import parse_spec
+        from ctp_eval.data import TRAIN_SPLITS
 
-        self.spec_list = [str(parse_spec(s.strip())) for s in self.specs.split(",") if s.strip()]
-        self.transfer_list = [str(parse_spec(s.strip())) for s in self.transfer_from.split(",") if s.strip()]
-        if self.train_split not in ("train", "validation"):
-            raise ValueError(f"--train-split must be train or validation, got {self.train_split!r}")
+        def spec_list(text: str) -> list[str]:  # comma-separated specs, each in canonical form
+            return [str(parse_spec(s.strip())) for s in text.split(",") if s.strip()]
+
+        self.spec_list = spec_list(self.specs)
+        self.transfer_list = spec_list(self.transfer_from)
+        if self.train_split not in TRAIN_SPLITS:
+            raise ValueError(f"--train-split must be one of {TRAIN_SPLITS}, got {self.train_split!r}")
 
     @property
     def prompt_tag(self) -> str:

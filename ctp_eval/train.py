@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctp_eval.data import TRAIN_SPLITS
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("prompt", "lora")
@@ -64,7 +66,7 @@ class TrainConfig:
     data: str = field(default="c4", metadata=_meta("training corpus: c4, wikitext2, ptb or a .txt/.jsonl path"))
     data_split: str = field(default="train", metadata=_meta(
         "split of --data to train on: train, or validation where no train split is at hand (offline WikiText-2)",
-        choices=("train", "validation")))
+        choices=TRAIN_SPLITS))
     val_data: str = field(default="c4", metadata=_meta("validation corpus (split validation)"))
     data_dir: str | None = field(default=None, metadata=_meta("data directory (default $CTP_DATA_DIR, else the HF hub)"))
     seqlen: int = field(default=1024, metadata=_meta("tokens per training/validation window (prompt excluded)"))
@@ -107,8 +109,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS} and dtype one of {DTYPES}")
         if not (self.init in ("vocab", "random", "paper") or (self.init.startswith("text:") and len(self.init) > 5)):
             raise ValueError(f"init must be vocab, random, paper or text:<prompt>, got {self.init!r}")
-        if self.data_split not in ("train", "validation"):  # never test: the prompt would see the evaluation data
-            raise ValueError(f"--data-split must be train or validation, got {self.data_split!r}")
+        if self.data_split not in TRAIN_SPLITS:
+            raise ValueError(f"--data-split must be one of {TRAIN_SPLITS}, got {self.data_split!r}")
         if self.data_split == "validation" and self.data == self.val_data:
             logger.warning("training on the validation split of %s, which also selects the best checkpoint: "
                            "pick another --val-data for an honest selection", self.data)
