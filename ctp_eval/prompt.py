@@ -45,11 +45,16 @@ class PromptMetadata:
     vocab_size: int = 0
     tokenizer_fingerprint: str = ""
     compression: str = "none"  # spec the prompt was trained on (ctp_eval.compress spec syntax)
+    calibration: dict | None = None  # that compression's calibration: dataset, split, nsamples, seqlen, seed, source
     init: str = ""  # vocab | random | text:...
     train_data: str = ""
     steps: int = 0
     seed: int | None = None
     seqlen: int | None = None
+    loss: str = ""  # ce | kd | ce+kd
+    lr: float | None = None
+    lr_schedule: str = ""
+    val_seqlen: int | None = None  # window length of the validation that selected this prompt
     val_data: str = ""
     val_ppl_before: float | None = None
     val_ppl_after: float | None = None
@@ -118,9 +123,7 @@ class SoftPrompt:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if len(ids) == 0:
             raise PromptError("hard prompt text encodes to zero tokens")
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight[ids.to(model.device)]
-        return cls.for_model(emb, model, tokenizer, init=f"text:{text}")
+        return cls.for_model(token_vectors(model, ids), model, tokenizer, init=f"text:{text}")
 
     # ----- compatibility --------------------------------------------------------------------------------
     def check_compatible(self, model, tokenizer=None) -> None:
@@ -269,12 +272,23 @@ class SoftPrompt:
         return prompt
 
 
-def init_from_vocab(model, k: int, seed: int = 0) -> torch.Tensor:
-    """Lester et al. init: k rows sampled (without replacement) from the vocabulary embedding matrix."""
-    weight = model.get_input_embeddings().weight
+def token_vectors(model, ids: torch.Tensor) -> torch.Tensor:
+    """(n, d) float32 prompt vectors of token ids (n,): the model's own input-embedding forward, so any scale it
+    applies (Gemma multiplies by sqrt(hidden_size) inside the embedding module) is included. The one way token
+    ids become prompt vectors (hard prompts, text and vocabulary init); prompts live in inputs_embeds space."""
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        return embed(ids.to(embed.weight.device).unsqueeze(0))[0].detach().float().cpu().clone()
+
+
+def init_from_vocab(model, k: int, seed: int = 0, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Lester et al. init: the vectors of k tokens sampled without replacement from the vocabulary, or from
+    `candidates` (token ids, e.g. the most frequent tokens of the training data)."""
+    pool = candidates if candidates is not None else torch.arange(model.get_input_embeddings().weight.shape[0])
+    if len(pool) < k:
+        raise ValueError(f"cannot sample {k} distinct tokens from {len(pool)} candidates")
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(weight.shape[0], generator=gen)[:k]
-    return weight[rows.to(weight.device)].detach().float().cpu().clone()
+    return token_vectors(model, pool[torch.randperm(len(pool), generator=gen)[:k]])
 
 
 def forward_with_prompt(model, input_ids: torch.Tensor, prompt_embeds: torch.Tensor | None, attention_mask=None):

@@ -1,10 +1,10 @@
 """`ctp-train`: learn a soft prompt (or the LoRA baseline) that recovers a compressed model.
 
-Defaults follow the paper's recipe (Xu et al., ICML 2024, and its released `soft_prompt_learning.py`): k=100
-prompt tokens initialised from sampled vocabulary rows, AdamW lr 1e-3, weight decay 1e-5, linear warmup
-(500 steps) and decay over 30k steps, gradient clipping at 1.0, seqlen 1024, C4 training data, validation
-perplexity every 100 steps, best-validation prompt kept. The model's weights are frozen: only the prompt (or
-the LoRA matrices) requires grad, so no weight gradient is ever allocated.
+Settings and their (paper) defaults: `ctp_eval.trainconfig`. The objective (cross-entropy, distillation from
+the uncompressed model, or both): `ctp_eval.losses` and `ctp_eval.teacher`. The model's weights are frozen:
+only the prompt (or the LoRA matrices) requires grad, so no weight gradient is ever allocated. The best
+checkpoint is selected on validation windows of `--val-seqlen` tokens (default 1024, the evaluation length),
+independently of the training `--seqlen`.
 
 Outputs in --out: prompt.safetensors (best validation; `ctp_eval.prompt` format with full metadata),
 last.safetensors (latest), checkpoint/ (exact resume: see `ctp_eval.trainutil`), train_log.jsonl, config.json.
@@ -14,7 +14,9 @@ Multi-GPU: `accelerate launch --multi_gpu --num_processes N -m ctp_eval.train ..
 --nproc_per_node N -m ctp_eval.train ...`) runs N data-parallel ranks; rank r takes rows r*B..(r+1)*B-1 of
 every global batch of N*B windows, the trainable gradients are averaged by all-reduce (no DDP wrapper: the
 only trainable tensor is the prompt), and validation windows are split over the ranks. The result equals a
-single process with batch N*B (tested with 2 gloo ranks on CPU). Only rank 0 writes files.
+single process with batch N*B (tested with 2 gloo ranks on CPU). Only rank 0 writes files. Each rank seeds its
+own RNG (seed + rank, after the shared init), so LoRA dropout masks differ across ranks; the checkpoint holds
+every rank's RNG state. `--resume` refuses a changed data layout (world size, global batch, token stream).
 """
 
 from __future__ import annotations
@@ -32,110 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctp_eval.data import TRAIN_SPLITS
+from ctp_eval.trainconfig import (  # noqa: F401  (re-exported: the public names of ctp-train)
+    DTYPES, METHODS, RESUME_MAY_CHANGE, TrainConfig, TrainError, TrainingDiverged,
+)
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("prompt", "lora")
-DTYPES = ("float32", "bfloat16")
-PAPER_WARMUP = 500
-# Flags that may differ between a run and its --resume without changing what is computed.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "save_every", "stop_after", "device")
-
-
-class TrainError(ValueError):
-    """A configuration, data or output-folder problem, with a message meant for the user."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Loss or gradient became NaN/inf; the last good prompt was written to last.*."""
-
-
-def _meta(help_text: str, **kw) -> dict:
-    return {"help": help_text, **kw}
-
-
-@dataclass
-class TrainConfig:
-    out: str = field(metadata=_meta("output folder (prompt.safetensors, last.safetensors, checkpoint/, train_log.jsonl)"))
-    model: str | None = field(default=None, metadata=_meta("HF id or local folder; default: embedded SmolLM2-135M"))
-    compression: str = field(default="none", metadata=_meta("compression spec, e.g. gptq:w3g128 (ctp_eval.compress)"))
-    method: str = field(default="prompt", metadata=_meta("prompt (soft prompt) or lora (PEFT baseline)", choices=METHODS))
-    k: int = field(default=100, metadata=_meta("soft prompt length in tokens"))
-    init: str = field(default="vocab", metadata=_meta("prompt init: vocab | random | paper | text:<hard prompt>"))
-    data: str = field(default="c4", metadata=_meta("training corpus: c4, wikitext2, ptb or a .txt/.jsonl path"))
-    data_split: str = field(default="train", metadata=_meta(
-        "split of --data to train on: train, or validation where no train split is at hand (offline WikiText-2)",
-        choices=TRAIN_SPLITS))
-    val_data: str = field(default="c4", metadata=_meta("validation corpus (split validation)"))
-    data_dir: str | None = field(default=None, metadata=_meta("data directory (default $CTP_DATA_DIR, else the HF hub)"))
-    seqlen: int = field(default=1024, metadata=_meta("tokens per training/validation window (prompt excluded)"))
-    batch_size: int = field(default=4, metadata=_meta("windows per step per process"))
-    steps: int = field(default=30000, metadata=_meta("optimizer steps"))
-    warmup_steps: int | None = field(default=None, metadata=_meta("linear warmup steps (default min(500, steps/10))"))
-    lr: float | None = field(default=None, metadata=_meta("learning rate (default 1e-3 prompt, 2e-4 lora)"))
-    weight_decay: float = field(default=1e-5, metadata=_meta("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_meta("gradient clipping norm"))
-    eval_every: int = field(default=100, metadata=_meta("validate every N steps (and at step 0 and the end)"))
-    save_every: int = field(default=100, metadata=_meta("write checkpoint/ and last.* every N steps"))
-    val_windows: int | None = field(default=None, metadata=_meta("validate on the first N windows only (None: all)"))
-    val_batch_size: int | None = field(default=None, metadata=_meta("validation batch (default batch_size)"))
-    dtype: str = field(default="float32", metadata=_meta("frozen weights' dtype; bfloat16 adds autocast on GPU", choices=DTYPES))
-    grad_checkpointing: bool = field(default=False, metadata=_meta("recompute activations in backward (large models)"))
-    loss_chunk: int = field(default=1024, metadata=_meta("tokens per LM-head chunk in the loss; 0 = full logits"))
-    lora_r: int = field(default=32, metadata=_meta("LoRA rank"))
-    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha"))
-    lora_dropout: float = field(default=0.1, metadata=_meta("LoRA dropout"))
-    lora_targets: str = field(default="q_proj,v_proj", metadata=_meta("comma-separated LoRA target modules"))
-    seed: int = field(default=0, metadata=_meta("seed for init, data order and dropout"))
-    device: str = field(default="auto", metadata=_meta("auto | cpu | cuda | cuda:N (multi-process: cuda:LOCAL_RANK)"))
-    resume: bool = field(default=False, metadata=_meta("continue from --out/checkpoint (fresh start if none)"))
-    overwrite: bool = field(default=False, metadata=_meta("delete a previous run's outputs in --out first"))
-    stop_after: int | None = field(default=None, metadata=_meta("stop with a checkpoint after N steps in this call"))
-    progress: bool = field(default=True, metadata=_meta("tqdm progress bar"))
-
-    def __post_init__(self):
-        from ctp_eval.data import CORPORA
-
-        if not self.out:
-            raise ValueError("--out is required")
-        for name in ("k", "seqlen", "batch_size", "steps", "eval_every", "save_every", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1 or (name == "seqlen" and self.seqlen < 2):
-                raise ValueError(f"{name} must be >= {2 if name == 'seqlen' else 1}, got {getattr(self, name)}")
-        for name in ("val_windows", "val_batch_size", "stop_after"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.method not in METHODS or self.dtype not in DTYPES:
-            raise ValueError(f"method must be one of {METHODS} and dtype one of {DTYPES}")
-        if not (self.init in ("vocab", "random", "paper") or (self.init.startswith("text:") and len(self.init) > 5)):
-            raise ValueError(f"init must be vocab, random, paper or text:<prompt>, got {self.init!r}")
-        if self.data_split not in TRAIN_SPLITS:
-            raise ValueError(f"--data-split must be one of {TRAIN_SPLITS}, got {self.data_split!r}")
-        if self.data_split == "validation" and self.data == self.val_data:
-            logger.warning("training on the validation split of %s, which also selects the best checkpoint: "
-                           "pick another --val-data for an honest selection", self.data)
-        for flag, name in (("--data", self.data), ("--val-data", self.val_data)):
-            if name not in CORPORA and not (name.endswith((".txt", ".jsonl")) and os.path.isfile(name)):
-                raise ValueError(f"{flag} {name!r}: use one of {', '.join(CORPORA)} or a path to an existing .txt/.jsonl file")
-        if self.lr is None:
-            self.lr = 1e-3 if self.method == "prompt" else 2e-4
-        if self.warmup_steps is None:
-            self.warmup_steps = min(PAPER_WARMUP, self.steps // 10)
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0 or self.loss_chunk < 0:
-            raise ValueError("lr and max_grad_norm must be > 0; weight_decay and loss_chunk >= 0")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} for {self.steps} steps")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
-        if self.compression not in ("", "none"):
-            from ctp_eval.compress import parse_spec
-
-            self.compression = str(parse_spec(self.compression))  # canonical form; SpecError lists valid forms
-        else:
-            self.compression = "none"
-
 
 @dataclass
 class TrainResult:
@@ -166,13 +69,14 @@ class _State:
 # ---------------------------------------------------------------- pieces (also used by bench/train_speed.py)
 
 
-def build_tuner(model, tokenizer, cfg: TrainConfig):
+def build_tuner(model, tokenizer, cfg: TrainConfig, train_windows=None):
     from ctp_eval import tuners
 
     if cfg.method == "lora":
         return tuners.LoraTuner(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()], cfg.loss_chunk)
-    return tuners.PromptTuner(model, tuners.init_prompt(model, tokenizer, cfg.init, cfg.k, cfg.seed), cfg.loss_chunk)
+    init = tuners.init_prompt(model, tokenizer, cfg.init, cfg.k, cfg.seed, train_windows=train_windows)
+    return tuners.PromptTuner(model, init, cfg.loss_chunk)
 
 
 def make_optimizer(tuner, cfg: TrainConfig):
@@ -184,31 +88,36 @@ def make_optimizer(tuner, cfg: TrainConfig):
 
     opt = torch.optim.AdamW(tuner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+        opt, functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.lr_schedule))
     return opt, sched
 
 
-def train_step(tuner, optimizer, scheduler, ids, max_grad_norm: float, autocast=None, world: int = 1):
-    """One optimizer step on ids (B, T). Returns (loss, grad_norm); leaves the weights untouched if either
-    is not finite, so the caller still holds the last good prompt."""
+def train_step(tuner, optimizer, scheduler, ids, max_grad_norm: float, autocast=None, world: int = 1,
+               objective=None, teacher=None):
+    """One optimizer step on ids (B, T). Returns (loss, grad_norm, {ce, kd}); leaves the weights untouched if
+    either is not finite, so the caller still holds the last good prompt. `teacher`: its targets for ids."""
     import torch
+
+    from ctp_eval.losses import Objective
 
     optimizer.zero_grad(set_to_none=True)
     with autocast or contextlib.nullcontext():
-        loss = tuner.loss_backward(ids)
+        parts = tuner.loss_backward(ids, objective or Objective(), teacher)
     params = tuner.parameters()
-    if world > 1:  # data parallel: average gradients (and the loss, for logging) over ranks
+    terms = torch.stack([parts["loss"], parts["ce"], parts["kd"]])
+    if world > 1:  # data parallel: average gradients (and the loss terms, for logging) over ranks
         for p in params:
             torch.distributed.all_reduce(p.grad)
             p.grad /= world
-        torch.distributed.all_reduce(loss)
-        loss /= world
+        torch.distributed.all_reduce(terms)
+        terms /= world
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    loss_v, norm_v = float(loss), float(norm)
+    loss_v, ce_v, kd_v = terms.tolist()
+    norm_v = float(norm)
     if math.isfinite(loss_v) and math.isfinite(norm_v):
         optimizer.step()
         scheduler.step()
-    return loss_v, norm_v
+    return loss_v, norm_v, {"ce": ce_v, "kd": kd_v}
 
 
 # ---------------------------------------------------------------- run
@@ -219,33 +128,48 @@ def train(cfg: TrainConfig) -> TrainResult:
     import torch
 
     from ctp_eval import data, ppl, trainutil
+    from ctp_eval.losses import Objective
 
     dist = trainutil.distributed(cfg.device)
     out = Path(cfg.out)
-    ckpt = _prepare_out(cfg, out, dist.rank)
-    model, tokenizer, base_id, compression = _load_model(cfg, dist.device)
+    identity = _model_identity(cfg)
+    ckpt = _prepare_out(cfg, out, dist, identity)
+    model, tokenizer, compression = _load_model(cfg, dist.device)
     limit = getattr(model.config, "max_position_embeddings", None)
-    need = cfg.seqlen + (cfg.k if cfg.method == "prompt" else 0)
+    need = max(cfg.seqlen, cfg.val_seqlen) + (cfg.k if cfg.method == "prompt" else 0)
     if limit is not None and need > limit:
-        raise TrainError(f"seqlen {cfg.seqlen} + k {cfg.k} = {need} exceeds the model's {limit} positions")
+        raise TrainError(f"max(seqlen {cfg.seqlen}, val_seqlen {cfg.val_seqlen}) + k {cfg.k} = {need} exceeds the "
+                         f"model's {limit} positions")
     wins = ppl.windows(data.token_stream(tokenizer, cfg.data, cfg.data_split, cfg.data_dir), cfg.seqlen)  # (N, T)
     global_batch = cfg.batch_size * dist.world
     if len(wins) < global_batch:
         raise TrainError(f"training data {data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir)} holds {len(wins)} "
                          f"windows of {cfg.seqlen} tokens, fewer than one batch of {global_batch}; "
                          "use a smaller --seqlen/--batch-size or more data")
-    torch.manual_seed(cfg.seed)  # global RNG: LoRA init and dropout
+    from ctp_eval.teacher import stream_hash
+
+    layout = dict(world=dist.world, global_batch=global_batch, n_windows=len(wins),
+                  source=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir), stream_sha256=stream_hash(wins))
+    if ckpt is not None:
+        _check_layout(ckpt.get("data", {}), layout)
+    torch.manual_seed(cfg.seed)  # global RNG: LoRA init, identical on every rank
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tuner = build_tuner(model, tokenizer, cfg)
+    tuner = build_tuner(model, tokenizer, cfg, train_windows=wins)
+    torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)  # per rank from here on: dropout masks differ across ranks
     optimizer, scheduler = make_optimizer(tuner, cfg)
+    objective = Objective(cfg.loss, cfg.kd_weight)
+    teacher = _load_teacher(cfg, identity, tokenizer, dist, wins) if objective.uses_teacher else None
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" and dist.device.type == "cuda" else None)
-    meta = dict(base_model=base_id, compression=compression, init=cfg.init if cfg.method == "prompt" else "",
-                train_data=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir), seed=cfg.seed, seqlen=cfg.seqlen,
+    meta = dict(base_model=identity["base_model"], compression=compression, calibration=identity["calibration"],
+                init=cfg.init if cfg.method == "prompt" else "", train_data=layout["source"], seed=cfg.seed,
+                seqlen=cfg.seqlen, val_seqlen=cfg.val_seqlen, loss=cfg.loss, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                 val_data=data.corpus_source(cfg.val_data, "validation", cfg.data_dir))
-    extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch, steps_planned=cfg.steps,
-                 val_windows=cfg.val_windows, dtype=cfg.dtype, trainable_params=sum(p.numel() for p in tuner.parameters()))
+    extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch,
+                 steps_planned=cfg.steps, val_windows=cfg.val_windows, dtype=cfg.dtype, recipe=cfg.recipe(),
+                 teacher=teacher.identity if teacher else None,
+                 trainable_params=sum(p.numel() for p in tuner.parameters()))
 
     def validate() -> float:
         with autocast or contextlib.nullcontext():
@@ -265,7 +189,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         scheduler.load_state_dict(ckpt["scheduler"])
         best_state = ckpt["best"]
         st = _State(**ckpt["run"])
-        trainutil.set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]  # one state per rank (a list), or a single state from an older checkpoint
+        trainutil.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
         log.truncate_after(st.step)
         logger.info("resumed at step %d of %d (best val ppl %.4f at step %d)", st.step, cfg.steps, st.best_ppl, st.best_step)
     else:
@@ -278,11 +203,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def save() -> None:
         write("last", tuner.state(), st)
+        rngs = dist.gather_objects(trainutil.rng_state())  # collective: every rank takes part
         if dist.rank == 0:
             trainutil.save_checkpoint(out / "checkpoint", dict(
                 tuner=tuner.state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                best=best_state, run=dataclasses.asdict(st), rng=trainutil.rng_state(),
-                data=dict(n_windows=len(wins), global_batch=global_batch, source=meta["train_data"])))
+                best=best_state, run=dataclasses.asdict(st), rng=rngs, data=layout, model_identity=identity))
 
     from tqdm.auto import tqdm
 
@@ -297,9 +222,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                 stopped_by = signal.Signals(signum).name if signum is not None else "stop_after"
                 break
             rows = trainutil.batch_indices(len(wins), global_batch, cfg.seed, st.step)
-            ids = wins[rows[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]].to(dist.device)
+            mine = rows[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
+            ids = wins[mine].to(dist.device)
             t0 = time.perf_counter()
-            loss, norm = train_step(tuner, optimizer, scheduler, ids, cfg.max_grad_norm, autocast, dist.world)
+            with autocast or contextlib.nullcontext():
+                targets = teacher.targets(ids, mine) if teacher is not None else None
+            loss, norm, parts = train_step(tuner, optimizer, scheduler, ids, cfg.max_grad_norm, autocast, dist.world,
+                                           objective, targets)
+            del targets
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 write("last", tuner.state(), st)
                 raise TrainingDiverged(
@@ -310,7 +240,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             st.step += 1
             st.tokens += global_batch * cfg.seqlen
             tok_s = st.tokens / max(st.train_seconds, 1e-9)
-            log.write(step=st.step, loss=loss, grad_norm=norm, lr=scheduler.get_last_lr()[0], tok_s=round(tok_s, 2))
+            log.write(step=st.step, loss=loss, **(parts if teacher is not None else {}), grad_norm=norm,
+                      lr=scheduler.get_last_lr()[0], tok_s=round(tok_s, 2))
             if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
                 st.last_ppl = validate()
                 # NaN never counts as better; anything finite beats an infinite (overflowed) best
@@ -355,26 +286,55 @@ def _write_artifact(tuner, model, tokenizer, out: Path, kind: str, state: dict, 
 
 
 def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
-    """Validation perplexity by the shared protocol (`ctp_eval.ppl`), split over ranks when data parallel."""
+    """Validation perplexity by the shared protocol (`ctp_eval.ppl`) on `val_seqlen`-token windows, split over
+    ranks when data parallel."""
     import torch
 
     from ctp_eval import data, ppl
 
     batch = cfg.val_batch_size or cfg.batch_size
     if dist.world == 1:
-        return ppl.perplexity(tuner.eval_model, tokenizer, cfg.val_data, "validation", cfg.seqlen, tuner.eval_prompt,
-                              batch_size=batch, limit_windows=cfg.val_windows, data_dir=cfg.data_dir).ppl
-    wins = ppl.windows(data.token_stream(tokenizer, cfg.val_data, "validation", cfg.data_dir), cfg.seqlen)
+        return ppl.perplexity(tuner.eval_model, tokenizer, cfg.val_data, "validation", cfg.val_seqlen,
+                              tuner.eval_prompt, batch_size=batch, limit_windows=cfg.val_windows,
+                              data_dir=cfg.data_dir).ppl
+    wins = ppl.windows(data.token_stream(tokenizer, cfg.val_data, "validation", cfg.data_dir), cfg.val_seqlen)
     wins = wins[: cfg.val_windows]
     lo, hi = ppl.shard_bounds(len(wins), dist.world, dist.rank)
     tuner.eval_model.eval()
     res = ppl.protocol_nll(ppl.model_logits_fn(tuner.eval_model, tuner.eval_prompt), wins[lo:hi], batch_size=batch)
     total = torch.tensor([res.nll_sum], dtype=torch.float64, device=dist.device)
     torch.distributed.all_reduce(total)
-    return math.exp(total.item() / (len(wins) * (cfg.seqlen - 1)))
+    return math.exp(total.item() / (len(wins) * (cfg.val_seqlen - 1)))
+
+
+def _compressed_info(path) -> dict | None:
+    from ctp_eval.compress import read_compression_info
+
+    return read_compression_info(path) if path and os.path.isdir(str(path)) else None
+
+
+def _model_identity(cfg: TrainConfig) -> dict:
+    """What the prompt is trained on, independent of where it lives on disk: base model, spec, calibration.
+    `--resume` compares this (not the path), so a run resumes on a machine whose cache path differs."""
+    from ctp_eval import models
+
+    info = _compressed_info(cfg.model)
+    if info is not None:  # --model is a compressed checkpoint folder
+        return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
+                    calibration=info.get("calibration"))
+    calibration = None
+    if cfg.compression != "none":
+        from ctp_eval.compress import parse_spec
+        from ctp_eval.compress.io import CalibConfig, calibration_details
+
+        if parse_spec(cfg.compression).needs_calibration:
+            calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
+            calibration = calibration_details(calib, cfg.data_dir)
+    return dict(base_model=models.model_id(cfg.model), compression=cfg.compression, calibration=calibration)
 
 
 def _load_model(cfg: TrainConfig, device):
+    """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked)."""
     import torch
 
     from ctp_eval import models
@@ -382,31 +342,87 @@ def _load_model(cfg: TrainConfig, device):
     path = models.resolve_pretrained(cfg.model)
     compression = cfg.compression
     if compression != "none":
-        from ctp_eval.compress import ensure_compressed  # compresses once, then reads the on-disk cache
+        from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
 
-        path = str(ensure_compressed(path, compression))
-    elif os.path.isdir(path):
-        from ctp_eval.compress import read_compression_info
-
-        info = read_compression_info(path)  # --model may itself be a compressed checkpoint folder
+        calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
+        path = str(ensure_compressed(path, compression, calib=calib, data_dir=cfg.data_dir))
+    else:
+        info = _compressed_info(path)  # --model may itself be a compressed checkpoint folder
         compression = info.get("spec", "unknown") if info else "none"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
-    return model, tokenizer, models.model_id(cfg.model), compression
+    return model, tokenizer, compression
 
 
-def _prepare_out(cfg: TrainConfig, out: Path, rank: int) -> dict | None:
-    """Check/clean the output folder; return the checkpoint to resume from, if any."""
+def teacher_path(cfg: TrainConfig) -> str:
+    """--teacher, else the uncompressed base model of what is being trained on."""
+    from ctp_eval import models
+
+    if cfg.teacher:
+        return cfg.teacher
+    info = _compressed_info(cfg.model)
+    if info is None:
+        if cfg.compression == "none":
+            logger.warning("--loss %s on an uncompressed model: the teacher is the model itself", cfg.loss)
+        return models.resolve_pretrained(cfg.model)
+    for candidate in (info.get("base_model_path"), info.get("base_model")):
+        if candidate == models.EMBEDDED_ID:
+            return models.resolve_pretrained(None)
+        if candidate and (os.path.isdir(candidate) or not os.path.isabs(candidate)):
+            return candidate  # a local folder, or a hub id
+    raise TrainError(f"cannot find the uncompressed base model of {cfg.model} (recorded as "
+                     f"{info.get('base_model_path') or info.get('base_model')!r}); pass it with --teacher")
+
+
+def _load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
+    import torch
+
+    from ctp_eval import models
+    from ctp_eval.prompt import tokenizer_fingerprint
+    from ctp_eval.teacher import Teacher
+
+    path = teacher_path(cfg)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model, tok = models.load_model_and_tokenizer(path, dtype=dtype, device=str(dist.device))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if tokenizer_fingerprint(tok) != fingerprint:
+        raise TrainError(f"teacher {path} has another tokenizer than the model being trained; distillation needs the same")
+    teacher_id = dict(teacher=models.model_id(path) if cfg.teacher else identity["base_model"], dtype=cfg.dtype,
+                      tokenizer=fingerprint)
+    teacher = Teacher(model, cfg.loss_chunk, cfg.teacher_topk, cfg.teacher_cache, teacher_id)
+    try:
+        teacher.check_cache(wins, dist.rank)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    dist.barrier()  # rank 0 may have just created cache.json
+    logger.info("distilling from %s (%s)", path, "full vocabulary" if not cfg.teacher_cache else
+                f"top-{cfg.teacher_topk}, cached in {cfg.teacher_cache}")
+    return teacher
+
+
+def _check_layout(saved: dict, now: dict) -> None:
+    """--resume continues the same data order only with the same world size, global batch and token stream."""
+    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if diff:
+        raise TrainError("--resume with a different data layout than the checkpointed run (" + "; ".join(diff) +
+                         "): the same step would read other windows. Start a new --out, or restore the settings")
+
+
+def _prepare_out(cfg: TrainConfig, out: Path, dist, identity: dict) -> dict | None:
+    """Check/clean the output folder; return the checkpoint to resume from, if any. Every rank reads config.json
+    before rank 0 rewrites it (atomically), and a barrier keeps the ranks in step. `identity`: what the model is
+    (`_model_identity`); a resume must be on the same one, wherever its folder now lives."""
     from ctp_eval.trainutil import load_checkpoint
 
     ckpt_dir = out / "checkpoint"
     config_file = out / "config.json"
     mine = dataclasses.asdict(cfg)
-    if cfg.overwrite and rank == 0:
+    if cfg.overwrite and dist.rank == 0:
         for name in ("checkpoint", "adapter", "last_adapter"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("prompt.safetensors", "last.safetensors", "train_log.jsonl", "config.json"):
             (out / name).unlink(missing_ok=True)
+    dist.barrier()
     if ckpt_dir.exists() and not cfg.resume and not cfg.overwrite:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     ckpt = None
@@ -417,11 +433,18 @@ def _prepare_out(cfg: TrainConfig, out: Path, rank: int) -> dict | None:
             raise TrainError("--resume with settings that differ from the checkpointed run: " +
                              ", ".join(f"{k}={mine[k]!r} (was {saved[k]!r})" for k in diff))
         ckpt = load_checkpoint(ckpt_dir)
+        was = ckpt.get("model_identity", identity)  # model compared by identity, not path (RESUME_MAY_CHANGE)
+        if was != identity:
+            raise TrainError(f"--resume on another model than the checkpointed run: {identity} (was {was})")
     elif cfg.resume:
         logger.info("--resume: no checkpoint in %s yet, starting from scratch", out)
-    if rank == 0:
+    dist.barrier()  # everyone has read config.json
+    if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(mine, indent=1, sort_keys=True))
+        tmp = config_file.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
+        os.replace(tmp, config_file)
+    dist.barrier()
     return ckpt
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -32,12 +33,23 @@ CHECKPOINT_FILE = "state.safetensors"
 CHECKPOINT_FORMAT = "ctp-train-checkpoint-1"
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0 to 1 over `warmup_steps`, then linear decay to 0 at `total_steps` (paper's
-    `get_linear_schedule_with_warmup`). `step` counts optimizer steps already taken."""
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
+    """Multiplier of the peak lr before optimizer step `step` (0-based): linear warmup from 0 to 1 over
+    `warmup_steps`, then linear decay to 0 at `total_steps` (the paper's `get_linear_schedule_with_warmup`),
+    half-cosine decay to 0, or constant."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps  # +1: the very first update is not wasted at lr 0
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    done = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # fraction of the decay phase behind us
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
+    return max(0.0, 1.0 - done)
 
 
 def batches_per_epoch(n_windows: int, global_batch: int) -> int:
@@ -207,6 +219,18 @@ class Dist:
         flag = torch.tensor([signum or 0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item()) or None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather_objects(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (a collective: all ranks must call it)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
 
 def distributed(device: str) -> Dist:

@@ -1,16 +1,7 @@
-"""What `ctp-train` optimises, and the loss: a soft prompt (the paper's method) or a LoRA adapter (its baseline).
+"""What `ctp-train` optimises: a soft prompt (the paper's method) or a LoRA adapter (its baseline).
 
-Loss: mean next-token cross-entropy over the text tokens of each window, positions 1..T-1 (the same tokens the
-perplexity protocol in `ctp_eval.ppl` scores); the k prompt positions are never scored.
-
-Memory: the obvious `model(...).logits` materialises (B, k+T, V) logits, and the fp32 copy for the loss plus
-its gradient triple that (SmolLM2: 4 x 612 x 49152 floats = 481 MB per copy). We instead run the decoder to
-hidden states, then push T-1 text positions through the LM head `loss_chunk` rows at a time: each chunk's
-fp32 logits, loss and backward into the (detached) hidden states happen before the next chunk, and one final
-`backward(hidden, grad)` carries the accumulated gradient through the decoder. Same loss and gradient, peak
-logits memory of one chunk, no recomputation, and the k prompt positions never reach the LM head. The split
-into decoder + head is verified numerically against `model(...).logits` once per model; a model whose
-forward does anything else (logit soft-capping, scaling) falls back to the full-logits path.
+Both hand their trainable tensors to the optimizer and backpropagate the objective of `ctp_eval.losses`
+(cross-entropy, distillation or both) through the frozen model, chunked where the model allows.
 """
 
 from __future__ import annotations
@@ -18,81 +9,49 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
-from ctp_eval.prompt import SoftPrompt, forward_with_prompt, init_from_vocab
+from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
+from ctp_eval.prompt import SoftPrompt, init_from_vocab
 
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- loss
-
-
-def full_loss(model, ids: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
-    """Reference loss through full logits (B, T, V) of `forward_with_prompt`; differentiable."""
-    logits = forward_with_prompt(model, ids, prompt)  # (B, T, V), prompt positions already dropped
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def split_head(model):
-    """(input embedding, decoder, lm_head) if `lm_head(decoder(x))` reproduces `model(x).logits`, else None."""
-    get_decoder = getattr(model, "get_decoder", None)
-    head = model.get_output_embeddings()
-    decoder = get_decoder() if get_decoder is not None else None
-    if decoder is None or head is None:
-        return None
-    ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]  # (1, 8)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(input_ids=ids, use_cache=False).logits.float()
-            got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
-    except Exception as err:  # an architecture whose decoder has another call signature
-        logger.info("decoder/head split unavailable (%s); using full logits", err)
-        return None
-    finally:
-        model.train(was_training)
-    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-3):
-        logger.warning("%s does more than lm_head(decoder(x)); using the full-logits loss", type(model).__name__)
-        return None
-    return model.get_input_embeddings(), decoder, head
-
-
-def chunked_loss_backward(split, ids: torch.Tensor, prompt: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """Backpropagate the mean text-token loss and return it (detached). See module docstring."""
-    embed, decoder, head = split
-    if prompt is None:
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
-    else:
-        tok = embed(ids)  # (B, T, d), as forward_with_prompt builds it
-        prefix = prompt.to(tok.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)  # (B, k, d)
-        hidden = decoder(inputs_embeds=torch.cat([prefix, tok], 1), use_cache=False).last_hidden_state
-        hidden = hidden[:, prompt.shape[0] :]  # (B, T, d): text positions only
-    h = hidden[:, :-1]  # (B, T-1, d) predicts ids[:, 1:]
-    leaf = h.detach().contiguous().requires_grad_()
-    flat_h, flat_t = leaf.view(-1, leaf.shape[-1]), ids[:, 1:].reshape(-1)
-    n = flat_t.numel()
-    total = torch.zeros((), device=ids.device)
-    for s in range(0, n, chunk):
-        logits = head(flat_h[s : s + chunk]).float()  # (chunk, V): fp32 log-softmax, one chunk alive
-        part = F.cross_entropy(logits, flat_t[s : s + chunk], reduction="sum") / n
-        part.backward()
-        total += part.detach()
-    if h.requires_grad:
-        torch.autograd.backward(h, leaf.grad)
-    return total
+def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, teacher: TeacherTargets | None) -> dict:
+    """Backpropagate the objective for ids (B, T) through the chunked split when there is one, else full logits."""
+    if split is None:
+        parts = full_loss(model, ids, prompt, objective, teacher)
+        parts["loss"].backward()
+        return {k: v.detach() for k, v in parts.items()}
+    return chunked_loss_backward(split, ids, prompt, chunk, objective, teacher)
 
 
 # ---------------------------------------------------------------- prompt init
 
 
-def init_prompt(model, tokenizer, init: str, k: int, seed: int) -> torch.Tensor:
-    """(k, d) float32 initial prompt. vocab: k sampled vocabulary rows (Lester et al.); random: N(0, s^2)
+def most_frequent_tokens(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """The n most frequent token ids of the training windows (ties broken by id)."""
+    counts = torch.bincount(windows.reshape(-1))
+    return torch.argsort(-counts, stable=True)[:n]
+
+
+def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: torch.Tensor | None = None) -> torch.Tensor:
+    """(k, d) float32 initial prompt. vocab: the vectors of k sampled vocabulary tokens (Lester et al.); vocab:N:
+    sampled from the N most frequent tokens of `train_windows` (Lester et al. use the 5,000 most common); random: N(0, s^2)
     with s the embedding matrix's std (a unit normal would dwarf real embeddings); text:... / paper: the
-    text's token embeddings tiled or cut to k rows (as PEFT's TEXT init)."""
+    text's token embeddings tiled or cut to k rows (as PEFT's TEXT init); file:PATH: a saved prompt (warm
+    start, e.g. from another spec's), which must fit the model and have k rows."""
     if init == "vocab":
         return init_from_vocab(model, k, seed)
+    if init.startswith("vocab:"):
+        if train_windows is None:
+            raise ValueError(f"--init {init} needs the training windows to count token frequencies")
+        return init_from_vocab(model, k, seed, candidates=most_frequent_tokens(train_windows, int(init[6:])))
+    if init.startswith("file:"):
+        prompt = SoftPrompt.load(init[len("file:") :])
+        prompt.check_compatible(model, tokenizer)
+        if prompt.k != k:
+            raise ValueError(f"--init {init}: the prompt has {prompt.k} rows, --k is {k}")
+        return prompt.embeds.clone()
     weight = model.get_input_embeddings().weight
     if init == "random":
         gen = torch.Generator().manual_seed(seed)
@@ -130,12 +89,9 @@ class PromptTuner:
     def eval_prompt(self) -> torch.Tensor:
         return self.prompt.detach()
 
-    def loss_backward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            loss = full_loss(self.model, ids, self.prompt)
-            loss.backward()
-            return loss.detach()
-        return chunked_loss_backward(self.split, ids, self.prompt, self.loss_chunk)
+    def loss_backward(self, ids: torch.Tensor, objective: Objective = Objective(),
+                      teacher: TeacherTargets | None = None) -> dict:
+        return loss_backward(self.model, self.split, ids, self.prompt, self.loss_chunk, objective, teacher)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"prompt": self.prompt.detach().cpu().clone()}
@@ -170,12 +126,9 @@ class LoraTuner:
 
     eval_prompt = None
 
-    def loss_backward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            loss = full_loss(self.model, ids, None)
-            loss.backward()
-            return loss.detach()
-        return chunked_loss_backward(self.split, ids, None, self.loss_chunk)
+    def loss_backward(self, ids: torch.Tensor, objective: Objective = Objective(),
+                      teacher: TeacherTargets | None = None) -> dict:
+        return loss_backward(self.model, self.split, ids, None, self.loss_chunk, objective, teacher)
 
     def state(self) -> dict[str, torch.Tensor]:
         params = dict(self.peft_model.named_parameters())

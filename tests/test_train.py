@@ -17,7 +17,7 @@ from conftest import build_model
 from safetensors.torch import load_file
 
 from ctp_eval import train as T
-from ctp_eval import trainutil, tuners
+from ctp_eval import losses, trainutil, tuners
 from ctp_eval.prompt import SoftPrompt
 
 WORDS = "the quick brown fox jumps over lazy dog soft prompt model capital of France Paris one two three".split()
@@ -46,7 +46,7 @@ def corpus(tmp_path_factory):
 def cfg(tmp, model_dir, corpus, **kw) -> T.TrainConfig:
     base = dict(out=str(tmp / "out"), model=str(model_dir), data=str(corpus / "train.txt"),
                 val_data=str(corpus / "val.txt"), k=4, seqlen=32, batch_size=2, steps=6, eval_every=2,
-                save_every=100, val_windows=4, lr=0.1, progress=False)
+                save_every=100, val_windows=4, val_seqlen=32, lr=0.1, progress=False)
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -57,19 +57,46 @@ def prompt_of(path) -> torch.Tensor:
 # ---------------------------------------------------------------- loss and gradients
 
 
+def naive_loss(model, ids, prompt, kind, teacher_model=None, w=0.5):
+    """The objective written out on full (B, T, V) logits, independently of ctp_eval.losses."""
+    from ctp_eval.prompt import forward_with_prompt
+
+    logp = torch.log_softmax(forward_with_prompt(model, ids, prompt)[:, :-1].float(), -1)  # (B, T-1, V)
+    ce = -logp.gather(-1, ids[:, 1:, None]).mean()
+    if kind == "ce":
+        return ce
+    with torch.no_grad():
+        t = torch.log_softmax(teacher_model(input_ids=ids).logits[:, :-1].float(), -1)
+    kl = (t.exp() * (t - logp)).sum(-1).mean()
+    return kl if kind == "kd" else (1 - w) * ce + w * kl
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_chunked_loss_equals_full_logits(arch):
+@pytest.mark.parametrize("kind", ["ce", "kd", "ce+kd"])
+def test_chunked_loss_equals_full_logits_and_naive(arch, kind):
+    from ctp_eval.teacher import Teacher
+
     model = build_model(arch).requires_grad_(False)
+    teacher_model = build_model(arch, seed=1)
+    objective = losses.Objective(kind, kd_weight=0.3)
     ids = torch.randint(0, 300, (2, 12))
     prompt = torch.nn.Parameter(torch.randn(3, 64) * 0.05)
-    ref = tuners.full_loss(model, ids, prompt)
-    ref.backward()
+    naive = naive_loss(model, ids, prompt, kind, teacher_model, w=0.3)
+    naive.backward()
+    naive_grad, prompt.grad = prompt.grad.clone(), None
+    teacher = Teacher(teacher_model, chunk=5) if objective.uses_teacher else None
+    ref = losses.full_loss(model, ids, prompt, objective, teacher.targets(ids) if teacher else None)
+    ref["loss"].backward()
     ref_grad, prompt.grad = prompt.grad.clone(), None
-    split = tuners.split_head(model)
+    split = losses.split_head(model)
     assert split is not None
-    got = tuners.chunked_loss_backward(split, ids, prompt, chunk=7)  # 22 targets: 4 chunks, last one partial
-    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(prompt.grad, ref_grad, rtol=1e-4, atol=1e-7)
+    got = losses.chunked_loss_backward(split, ids, prompt, chunk=7, objective=objective,  # 22 targets: 4 chunks
+                                       teacher=teacher.targets(ids) if teacher else None)
+    torch.testing.assert_close(ref["loss"].detach(), naive.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["loss"], naive.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_grad, naive_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(prompt.grad, naive_grad, rtol=1e-4, atol=1e-7)
+    assert (got["kd"] > 0) == objective.uses_teacher
 
 
 def test_only_prompt_gets_gradients_weights_bit_identical(tiny_llama_dir, corpus, tmp_path):
@@ -149,7 +176,7 @@ def test_sigterm_leaves_loadable_checkpoint(tiny_llama_dir, corpus, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ctp_eval.train", "--out", str(out), "--model", str(tiny_llama_dir),
            "--data", str(corpus / "train.txt"), "--val-data", str(corpus / "val.txt"), "--k", "4",
-           "--seqlen", "32", "--batch-size", "2", "--steps", "100000", "--eval-every", "1000",
+           "--seqlen", "32", "--val-seqlen", "32", "--batch-size", "2", "--steps", "100000", "--eval-every", "1000",
            "--save-every", "1", "--val-windows", "2", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -175,10 +202,10 @@ def test_nan_loss_stops_and_keeps_last_good_prompt(tiny_llama_dir, corpus, tmp_p
     calls = {"n": 0}
     real = tuners.PromptTuner.loss_backward
 
-    def flaky(self, ids):
+    def flaky(self, ids, *args):
         calls["n"] += 1
-        loss = real(self, ids)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        parts = real(self, ids, *args)
+        return dict(parts, loss=parts["loss"] * float("nan")) if calls["n"] == 3 else parts
 
     monkeypatch.setattr(tuners.PromptTuner, "loss_backward", flaky)
     with pytest.raises(T.TrainingDiverged, match="step 3: loss nan"):
@@ -268,7 +295,7 @@ def test_lora_writes_peft_adapter_with_expected_params(tiny_llama_dir, corpus, t
 @pytest.mark.slow  # two torchrun worker processes: ~20 s on a loaded 2-core machine
 def test_data_parallel_equals_single_process(tiny_llama_dir, corpus, tmp_path):
     flags = ["--model", str(tiny_llama_dir), "--data", str(corpus / "train.txt"), "--val-data", str(corpus / "val.txt"),
-             "--k", "4", "--seqlen", "32", "--steps", "4", "--eval-every", "2", "--val-windows", "5", "--lr", "0.01",
+             "--k", "4", "--seqlen", "32", "--val-seqlen", "32", "--steps", "4", "--eval-every", "2", "--val-windows", "5", "--lr", "0.01",
              "--device", "cpu", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctp_eval.train",
