@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 PPL_TASKS = "ctp_c4,ctp_wikitext2,ctp_ptb"
 MC_TASKS = "ctp_openbookqa,ctp_hellaswag,ctp_piqa,ctp_mmlu_hs_european_history"
 PAPER_SPECS = "gptq:w4,gptq:w3g128,gptq:w2g64,sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,sparsegpt:0.5+gptq:w4"
+# ctp-train's paper defaults of the recipe flags that ctp-bench passes through (anything else needs --recipe)
+PAPER_RECIPE = dict(lr=None, lr_schedule="linear", warmup_steps=None, init="vocab", loss="ce", kd_weight=0.5,
+                    teacher_topk=0, train_dtype=None)
+# --quick: the recipe this project recommends at a small CPU budget (see the leaderboard's recipe study)
+QUICK_RECIPE = dict(recipe="kd", loss="kd", lr=3e-2)
 
 
 def _m(help_text: str) -> dict:
@@ -68,6 +73,21 @@ class BenchConfig:
     seqlen: int = field(default=512, metadata=_m("ctp-train window length"))
     eval_every: int = field(default=50, metadata=_m("ctp-train validation interval"))
     val_windows: int = field(default=8, metadata=_m("ctp-train validation windows"))
+    val_seqlen: int = field(default=1024, metadata=_m("ctp-train validation window length (the evaluation length)"))
+    recipe: str = field(default="", metadata=_m(
+        "name of the training recipe below, required when any of its flags differs from the paper's; it goes into "
+        "the prompt and run names and the leaderboard (names starting with 'study-' appear only in its recipe study)"))
+    lr: float | None = field(default=None, metadata=_m("ctp-train --lr (default: the paper's 1e-3)"))
+    lr_schedule: str = field(default="linear", metadata=_m("ctp-train --lr-schedule"))
+    warmup_steps: int | None = field(default=None, metadata=_m("ctp-train --warmup-steps (default min(500, steps/10))"))
+    init: str = field(default="vocab", metadata=_m("ctp-train --init"))
+    loss: str = field(default="ce", metadata=_m("ctp-train --loss: ce, kd (distill the dense model) or ce+kd"))
+    kd_weight: float = field(default=0.5, metadata=_m("ctp-train --kd-weight (ce+kd)"))
+    teacher_topk: int = field(default=0, metadata=_m(
+        "K > 0: cache the dense teacher's top-K log-probs per training window under OUT/teacher and reuse them "
+        "across specs (ctp-train --teacher-cache); 0: full-vocabulary teacher on the fly"))
+    train_dtype: str | None = field(default=None, metadata=_m(
+        "ctp-train --dtype (default: --dtype); bfloat16 trains ~1.35x faster on CPU while evaluation stays in --dtype"))
     calib_nsamples: int = field(default=128, metadata=_m("calibration sequences for compression"))
     calib_seqlen: int = field(default=2048, metadata=_m("calibration sequence length"))
     dtype: str = field(default="float32", metadata=_m("evaluation/training dtype"))
@@ -92,6 +112,9 @@ class BenchConfig:
             self.steps, self.batch_size, self.seqlen, self.eval_every, self.val_windows = 30, 2, 256, 15, 4
             self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
             self.standard_ppl = False
+            self.val_seqlen = 1024
+            for name, value in QUICK_RECIPE.items():
+                setattr(self, name, value)
         from ctp_eval.compress import parse_spec
         from ctp_eval.data import TRAIN_SPLITS
 
@@ -102,12 +125,19 @@ class BenchConfig:
         self.transfer_list = spec_list(self.transfer_from)
         if self.train_split not in TRAIN_SPLITS:
             raise ValueError(f"--train-split must be one of {TRAIN_SPLITS}, got {self.train_split!r}")
+        changed = [f"--{f.replace('_', '-')}" for f, paper in PAPER_RECIPE.items() if getattr(self, f) != paper]
+        if changed and not self.recipe:
+            raise ValueError(f"{', '.join(changed)} differ from the paper's recipe: name the recipe with --recipe NAME "
+                             "(it keeps its prompts and results apart from the paper-recipe ones)")
+        if self.recipe and slug(self.recipe) != self.recipe:
+            raise ValueError(f"--recipe {self.recipe!r}: use lowercase letters, digits and dashes")
+        self.train_dtype = self.train_dtype or self.dtype
 
     @property
     def prompt_tag(self) -> str:
         """Names a learned prompt's run: k, plus the training data where it is not the paper's C4 train."""
         data = "" if (self.train_data, self.train_split) == ("c4", "train") else f"-{slug(self.train_data)}-{self.train_split}"
-        return f"k{self.k}{data}"
+        return f"k{self.k}{data}" + (f"-{self.recipe}" if self.recipe else "")
 
 
 def slug(text: str) -> str:
@@ -199,8 +229,18 @@ class Runner:
             return published
         cmd = [_bin("ctp-train"), "--out", str(out), "--model", path, "--k", str(cfg.k), "--steps", str(cfg.steps),
                "--batch-size", str(cfg.batch_size), "--seqlen", str(cfg.seqlen), "--eval-every", str(cfg.eval_every),
-               "--save-every", str(cfg.eval_every), "--val-windows", str(cfg.val_windows), "--dtype", cfg.dtype,
-               "--data", cfg.train_data, "--data-split", cfg.train_split, "--resume"]
+               "--save-every", str(cfg.eval_every), "--val-windows", str(cfg.val_windows),
+               "--val-seqlen", str(cfg.val_seqlen), "--dtype", cfg.train_dtype, "--data", cfg.train_data,
+               "--data-split", cfg.train_split, "--init", cfg.init, "--lr-schedule", cfg.lr_schedule, "--loss", cfg.loss]
+        for flag, value in (("--lr", cfg.lr), ("--warmup-steps", cfg.warmup_steps)):
+            if value is not None:
+                cmd += [flag, f"{value:g}"]
+        if cfg.loss != "ce":
+            cmd += ["--kd-weight", f"{cfg.kd_weight:g}"] if cfg.loss == "ce+kd" else []
+            if cfg.teacher_topk:
+                cache = self.out / "teacher" / f"{slug(cfg.train_data)}-{cfg.train_split}-s{cfg.seqlen}-top{cfg.teacher_topk}"
+                cmd += ["--teacher-topk", str(cfg.teacher_topk), "--teacher-cache", str(cache)]
+        cmd += ["--recipe-name", cfg.recipe or "paper", "--resume"]
         self.run(cmd, f"train prompt on {spec}")
         if not cfg.dry_run:  # publish the best-validation prompt only once training has finished
             import shutil

@@ -168,6 +168,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 val_data=data.corpus_source(cfg.val_data, "validation", cfg.data_dir))
     extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch,
                  steps_planned=cfg.steps, val_windows=cfg.val_windows, dtype=cfg.dtype, recipe=cfg.recipe(),
+                 recipe_name=cfg.recipe_name,
                  teacher=teacher.identity if teacher else None,
                  trainable_params=sum(p.numel() for p in tuner.parameters()))
 

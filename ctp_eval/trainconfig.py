@@ -26,7 +26,7 @@ PAPER_WARMUP = 500
 # Flags that may differ between a run and its --resume without changing what is computed. `model` is compared
 # by identity (base model + spec + calibration), not by path: see train._model_identity.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "save_every", "stop_after", "device", "model", "teacher",
-                     "teacher_cache", "data_dir")
+                     "teacher_cache", "data_dir", "recipe_name")
 # What defines how a prompt was learned (prompt metadata `extra.recipe`, ctp-bench --recipe).
 RECIPE_FIELDS = ("init", "lr", "lr_schedule", "warmup_steps", "loss", "kd_weight", "teacher_topk", "seqlen",
                  "batch_size", "steps", "val_seqlen", "dtype")
@@ -82,6 +82,8 @@ class TrainConfig:
         "0: full-vocabulary teacher computed on every batch; K: the teacher's top-K log-probs (with --teacher-cache)"))
     teacher_cache: str | None = field(default=None, metadata=_meta(
         "folder of cached top-K teacher log-probs per training window, reused across runs and specs"))
+    recipe_name: str = field(default="", metadata=_meta(
+        "a name for this recipe, recorded in the prompt (the leaderboard groups learned prompts by it)"))
     eval_every: int = field(default=100, metadata=_meta("validate every N steps (and at step 0 and the end)"))
     save_every: int = field(default=100, metadata=_meta("write checkpoint/ and last.* every N steps"))
     val_windows: int | None = field(default=None, metadata=_meta("validate on the first N windows only (None: all)"))
