@@ -227,7 +227,8 @@ class CTPLM(HFLM):
         if self.soft_prompt is not None:
             meta = self.soft_prompt.meta
             info.update(ctp_prompt_trained_on=meta.compression, ctp_prompt_train_data=meta.train_data,
-                        ctp_prompt_steps=meta.steps)
+                        ctp_prompt_steps=meta.steps, ctp_prompt_recipe=meta.extra.get("recipe_name") or "paper",
+                        ctp_prompt_recipe_args=meta.extra.get("recipe"))
         return info
 
 
