@@ -36,42 +36,67 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def compress_main(argv: list[str] | None = None) -> None:
-    """`ctp-compress --spec gptq:w3g128 [--model M] [--out DIR]`: compress once, reuse in many runs.
+    """`ctp-compress --spec gptq:w3g128 [--model M] [--out DIR] [--export DIR]`: compress once, reuse in many runs.
 
     The result is cached under $CTP_CACHE_DIR/compressed (keyed by model + spec + calibration + options), which is
     where `lm_eval --model ctp --model_args compression=SPEC` looks; `--out` also copies it to a folder of
-    your choice, loadable with `pretrained=DIR`.
+    your choice, loadable with `pretrained=DIR`. `--export DIR` also writes the deployable compressed-tensors
+    form (packed integer weights, read by vLLM and transformers); `ctp-compress --from-compressed DIR --export
+    DIR2` exports a checkpoint compressed earlier.
     """
     import argparse
     import logging
     import shutil
 
     from ctp_eval.compress import CalibConfig, CompressOptions, SpecError, ensure_compressed
+    from ctp_eval.compress.export import ExportError, export_compressed, spec_export_problem
     from ctp_eval.configargs import add_dataclass_args, config_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="ctp-compress", description=compress_main.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", required=True, help="compression spec, e.g. gptq:w3g128, sparsegpt:0.5+gptq:w4")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="compression spec, e.g. gptq:w3g128, sparsegpt:0.5+gptq:w4")
+    source.add_argument("--from-compressed", metavar="DIR",
+                        help="an existing compressed checkpoint (cache entry or --out folder) to export; needs --export")
     ap.add_argument("--model", default=None, help="HF id or folder; default: embedded SmolLM2-135M")
     ap.add_argument("--out", default=None, help="also copy the compressed checkpoint to this folder")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="also write the compressed-tensors export (pack-quantized) to this new folder")
     ap.add_argument("--device", default="cpu", help="where each block is solved (cpu, cuda, ...)")
     calib = ap.add_argument_group("calibration")
     add_dataclass_args(calib, CalibConfig)
     solver = ap.add_argument_group("solver")
     add_dataclass_args(solver, CompressOptions)
     args = ap.parse_args(argv)
-    try:
-        path = ensure_compressed(args.model, args.spec, calib=config_from_args(CalibConfig, args),
-                                 options=config_from_args(CompressOptions, args), device=args.device)
-    except (SpecError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"ctp-compress: {err}")
-    if args.out:
-        if os.path.exists(args.out):
-            raise SystemExit(f"ctp-compress: {args.out} exists; choose a new folder")
-        shutil.copytree(path, args.out)
-        path = args.out
-    print(path)
+    if args.from_compressed and not args.export:
+        ap.error("--from-compressed needs --export DIR")
+    if args.from_compressed and (args.model or args.out):
+        ap.error("--from-compressed takes no --model/--out: the checkpoint already is the compressed model")
+    for folder in (args.out, args.export):
+        if folder and os.path.exists(folder):
+            raise SystemExit(f"ctp-compress: {folder} exists; choose a new folder")
+    if args.spec:
+        try:
+            problem = spec_export_problem(args.spec) if args.export else None
+            if problem:  # refuse before spending the compression time
+                raise SystemExit(f"ctp-compress: cannot export: {problem}")
+            path = ensure_compressed(args.model, args.spec, calib=config_from_args(CalibConfig, args),
+                                     options=config_from_args(CompressOptions, args), device=args.device)
+        except (SpecError, ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"ctp-compress: {err}")
+        if args.out:
+            shutil.copytree(path, args.out)
+            path = args.out
+        print(path)
+    else:
+        path = args.from_compressed
+    if args.export:
+        try:
+            export_compressed(path, args.export)  # logs the on-disk sizes
+        except ExportError as err:
+            raise SystemExit(f"ctp-compress: cannot export: {err}")
+        print(args.export)
 
 
 def leaderboard_main(argv: list[str] | None = None) -> None:
@@ -88,12 +113,9 @@ def leaderboard_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--notes-file", default=None, help="read --notes from this file")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
-    notes = args.notes
-    if args.notes_file:
-        with open(args.notes_file) as f:
-            notes = f.read()
     try:
-        path = write_leaderboard(args.results, args.out, title=args.title, plots=not args.no_plots, notes=notes)
+        path = write_leaderboard(args.results, args.out, title=args.title, plots=not args.no_plots, notes=args.notes,
+                                 notes_file=args.notes_file)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"ctp-leaderboard: {err}")
     print(path)

@@ -82,19 +82,6 @@ def test_default_cache_dir_env(tiny_llama_dir, monkeypatch, tmp_path):
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "compressed").iterdir())
 
 
-def test_export_skips_cleanly(tiny_llama_dir, tmp_path):
-    from ctp_eval.compress.export import ExportUnavailable, check_exportable, export_gptq, export_status
-
-    out = ensure_compressed(str(tiny_llama_dir), "rtn:w4g16", cache_dir=tmp_path, progress=False)
-    assert check_exportable(out)["spec"] == "rtn:w4g16"
-    ok, msg = export_status()
-    with pytest.raises(ExportUnavailable) as e:
-        export_gptq(out, tmp_path / "packed")
-    assert msg in str(e.value) or ok
-    with pytest.raises(ExportUnavailable, match="nothing to pack"):
-        check_exportable(ensure_compressed(str(tiny_llama_dir), "magnitude:2:4", cache_dir=tmp_path, progress=False))
-
-
 def test_model_identity(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     embedded = tmp_path / "models" / models.EMBEDDED_ID
