@@ -274,8 +274,7 @@ class Runner:
         from ctp_eval.leaderboard import write_leaderboard
 
         md = Path(cfg.leaderboard or self.out / "leaderboard.md")
-        notes = Path(cfg.notes_file).read_text() if cfg.notes_file else ""
-        return write_leaderboard([self.results], md, notes=notes)
+        return write_leaderboard([self.results], md, notes_file=cfg.notes_file)
 
 
 def main(argv: list[str] | None = None) -> None:

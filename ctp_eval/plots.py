@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctp_eval.leaderboard import PPL_TASKS, Run, _main_k, label, spec_sort_key
+from ctp_eval.runs import PPL_TASKS, Run, main_k
 
 
 def _level(spec: str) -> tuple[str, float] | None:
@@ -27,7 +27,7 @@ def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
 
     dense = next((r for r in runs if r.kind == "dense"), None)
-    main_k = _main_k(runs)
+    k = main_k(runs)
     written = []
     for family, xlabel in (("quantization", "bits (GPTQ)"), ("sparsity", "sparsity (SparseGPT)")):
         fam = [r for r in runs if (lv := _level(r.compression)) and lv[0] == family and r.compression.split(":")[0] in ("gptq", "sparsegpt")]
@@ -36,14 +36,19 @@ def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
             continue
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for kind, style in (("none", "o-"), ("hard", "s--"), ("learned", "^-")):
+            recipes = sorted({r.recipe for r in fam if r.kind == "learned" and not r.in_study}, key=lambda x: (x != "paper", x))
+            lines = [("none", "", "o-", "no prompt"), ("hard", "", "s--", "hard prompt")] + [
+                ("learned", rec, "^-" if rec == "paper" else "v-",
+                 "learned prompt" + ("" if rec == "paper" else f" (recipe {rec})")) for rec in recipes]
+            for kind, recipe, style, name in lines:
                 pts = sorted(
                     (_level(r.compression)[1], r.values[task])
                     for r in fam
-                    if r.kind == kind and task in r.values and (kind != "learned" or (r.trained_on == r.compression and r.train_data == "c4" and r.k == main_k))
+                    if r.kind == kind and task in r.values and (kind != "learned" or (
+                        r.trained_on == r.compression and r.train_data == "c4" and r.k == k and r.recipe == recipe))
                 )
                 if pts:
-                    ax.plot(*zip(*pts), style, label={"none": "no prompt", "hard": "hard prompt", "learned": "learned prompt"}[kind])
+                    ax.plot(*zip(*pts), style, label=name)
             if dense and task in dense.values:
                 ax.axhline(dense.values[task], color="gray", ls=":", label="dense")
             ax.set_yscale("log")
@@ -59,6 +64,3 @@ def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
         plt.close(fig)
         written.append((f"PPL vs {family}, with and without prompts", path))
     return written
-
-
-__all__ = ["ppl_vs_compression", "label", "spec_sort_key"]

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
-                 hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0):
+                 hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0, recipe=None, recipe_args=None):
     results, configs = {}, {}
     for task, v in (ppl or {}).items():
         results[task] = {"alias": task, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
@@ -30,6 +30,8 @@ def write_result(d: Path, name: str, *, compression="none", prompt=None, trained
     }
     if prompt:
         cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
+        if recipe:
+            cfg.update(ctp_prompt_recipe=recipe, ctp_prompt_recipe_args=recipe_args or {})
     path = d / name / f"results_{name}.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"results": results, "configs": configs, "config": cfg, "date": date, "lm_eval_version": "0.4.13",
@@ -126,22 +128,48 @@ def test_cli_errors_clearly_on_non_ctp_results(tmp_path):
 
 
 def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path):
-    """Each leaderboards/<name>.md is rebuilt from leaderboards/<name>/results by the project's own command.
+    """Each leaderboards/<name>.md is rebuilt from leaderboards/<name>/results by the command the page states.
 
-    The results (and notes) are copied to the same relative place under tmp_path, so links and file names in
-    the regenerated page are the same as in the committed one.
+    The results (and notes) are copied to the same relative place under tmp_path, and the page's own
+    regeneration command runs there, so links and file names in the regenerated page are the same.
     """
+    import re
+    import shlex
     import shutil
 
     boards = sorted((REPO / "leaderboards").glob("*.md"))
+    assert boards
     for md in boards:
         src = md.with_suffix("")
         assert (src / "results").is_dir(), f"{md.name} has no committed results folder {src / 'results'}"
-        shutil.copytree(src / "results", tmp_path / src.name / "results")
-        args = [str(tmp_path / src.name / "results"), "--out", str(tmp_path / md.name),
-                "--title", md.read_text().splitlines()[0][2:]]
-        if (src / "notes.md").is_file():
-            args += ["--notes-file", str(src / "notes.md")]
-        proc = subprocess.run(LEADERBOARD + args, capture_output=True, text=True)
+        shutil.copytree(src, tmp_path / src.name)
+        stated = re.search(r"From this page's folder: `([^`]+)`", md.read_text())
+        assert stated, f"{md.name} does not state its regeneration command"
+        args = shlex.split(stated.group(1))
+        assert args[0] == "ctp-leaderboard"
+        proc = subprocess.run(LEADERBOARD + args[1:], capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / md.name).read_bytes() == md.read_bytes(), f"{md.name} differs from its regeneration"
+
+
+def test_recipes_get_their_own_rows_and_study_table(results_dir, tmp_path):
+    args = dict(loss="kd", lr=0.01, lr_schedule="linear", batch_size=4, seqlen=256, steps=48, val_seqlen=1024)
+    write_result(results_dir, "w3-kd", compression="gptq:w3g128", prompt="kd.safetensors", k=100, recipe="kd",
+                 recipe_args=args, ppl={"ctp_c4": 24.0, "ctp_wikitext2": 15.0})
+    write_result(results_dir, "w3-study", compression="gptq:w3g128", prompt="s.safetensors", k=100,
+                 recipe="study-ce-lr3e-2-s1024", recipe_args=dict(args, loss="ce", lr=0.03, batch_size=1, seqlen=1024),
+                 ppl={"ctp_c4": 28.0, "ctp_wikitext2": 22.0})
+    runs = load_runs([results_dir])
+    labels = [r[0] for r in main_table(runs)[1]]
+    assert "gptq:w3g128, learned prompt (k=100, c4)" in labels  # the paper-recipe row stays
+    assert "gptq:w3g128, learned prompt (k=100, c4, recipe kd)" in labels
+    assert not any("study" in x for x in labels)
+    kd_row = next(r for r in main_table(runs)[1] if r[0].endswith("recipe kd)"))
+    assert kd_row[-1] == "80 / 75"  # (40-24)/(40-20), (30-15)/(30-10)
+    text = write_leaderboard([results_dir], tmp_path / "lb.md", title="T", plots=False).read_text()
+    study = text.split("## Recipe study")[1].split("\n## ")[0]
+    row = [c.strip() for c in next(line for line in study.splitlines() if "1 x 1024" in line).split("|")[1:-1]]
+    assert row[:7] == ["gptq:w3g128", "ce", "0.03", "linear", "1 x 1024", "49,152", "1024"]
+    assert row[-1] == "60 / 40"  # (40-28)/20, (30-22)/20
+    assert "kd.safetensors" not in study
+

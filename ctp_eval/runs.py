@@ -1,0 +1,195 @@
+"""The evaluated configurations behind a leaderboard: lm-eval results JSON of `--model ctp` runs, read and merged.
+
+A run's configuration comes from what `ctp` records under `config` (`ctp_compression`, `ctp_prompt_k`,
+`ctp_prompt_trained_on`, `ctp_prompt_recipe`, ...), never from file names, so tables and plots
+(`ctp_eval.leaderboard`, `ctp_eval.plots`) depend only on the results files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PPL_TASKS = {"ctp_c4": "C4", "ctp_wikitext2": "WikiText-2", "ctp_ptb": "PTB"}
+MC_TASKS = {
+    "ctp_openbookqa": "OBQA",
+    "ctp_hellaswag": "HellaSwag",
+    "ctp_piqa": "PIQA",
+    "ctp_mmlu_hs_european_history": "MMLU hs-eu-hist",
+}
+KIND_ORDER = {"dense": 0, "none": 1, "hard": 2, "learned": 3, "lora": 4}
+KIND_LABEL = {"dense": "dense", "none": "no prompt", "hard": "hard prompt", "learned": "learned prompt", "lora": "LoRA"}
+
+
+@dataclass
+class Run:
+    """One evaluated configuration (several results files of the same configuration are merged)."""
+
+    model: str
+    compression: str
+    kind: str  # dense | none | hard | learned | lora
+    k: int = 0
+    trained_on: str = ""  # compression the prompt / adapter was trained on
+    train_data: str = ""  # corpus name (c4, wikitext2, ...): what the tables group by
+    train_source: str = ""  # the exact training data (split and slice), shown in the data-transfer table
+    trainable_params: int = 0
+    recipe: str = ""  # learned prompts: the training recipe's name ("paper" for the paper's, "study-..." cells)
+    recipe_args: dict = field(default_factory=dict)  # its settings (loss, lr, seqlen, batch_size, steps, ...)
+    values: dict[str, float] = field(default_factory=dict)  # task -> token PPL or acc_norm
+    stderr: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # ppl task -> data source name
+    limits: dict[str, float | None] = field(default_factory=dict)  # task -> --limit used
+    files: list[dict] = field(default_factory=list)  # per results file: command, date, hardware, wall time
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.compression, self.kind, self.k, self.trained_on, self.train_data, self.recipe)
+
+    @property
+    def in_study(self) -> bool:
+        """A cell of the recipe study: shown in that table only, not in the main table, transfers or plots."""
+        return self.recipe.startswith("study-")
+
+
+# ----- reading ---------------------------------------------------------------------------------------------
+def find_results(paths: list[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(p.rglob("results_*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no results file or folder at {p}")
+    return sorted(set(files))
+
+
+def _kind(cfg: dict) -> str:
+    compression = cfg.get("ctp_compression", "none")
+    if cfg.get("ctp_peft"):
+        return "lora"
+    if cfg.get("ctp_prompt"):
+        return "learned"
+    if cfg.get("ctp_hard_prompt"):
+        return "hard"
+    return "dense" if compression == "none" else "none"
+
+
+def _short_data(name: str) -> str:
+    return (name or "").split("-")[0].split("[")[0] or "?"
+
+
+def read_run(path: Path, root: Path | None = None) -> Run:
+    res = json.loads(path.read_text())
+    cfg = res.get("config", {})
+    if cfg.get("model") != "ctp":
+        raise ValueError(f"{path}: not a `--model ctp` result (model={cfg.get('model')!r})")
+    kind = _kind(cfg)
+    compression = cfg.get("ctp_compression", "none")
+    run = Run(
+        model=cfg.get("ctp_base_model", res.get("model_name", "?")),
+        compression=compression,
+        kind=kind,
+        k=int(cfg.get("ctp_prompt_k") or 0),
+        trained_on=(cfg.get("ctp_prompt_trained_on") or compression) if kind in ("learned", "lora") else "",
+        train_data=_short_data(cfg.get("ctp_prompt_train_data", "")) if kind in ("learned", "lora") else "",
+        train_source=cfg.get("ctp_prompt_train_data", "") if kind in ("learned", "lora") else "",
+        trainable_params=int(cfg.get("ctp_trainable_params") or 0),
+        recipe=(cfg.get("ctp_prompt_recipe") or "paper") if kind == "learned" else "",
+        recipe_args=cfg.get("ctp_prompt_recipe_args") or {},
+    )
+    tasks = sorted(res.get("results", {}))
+    for task in tasks:
+        r = res["results"][task]
+        if task in PPL_TASKS and "token_perplexity,none" in r:
+            run.values[task] = float(r["token_perplexity,none"])
+            meta = (res.get("configs", {}).get(task, {}) or {}).get("metadata", {}) or {}
+            run.sources[task] = str(meta.get("source") or r.get("alias", task))
+        elif task in MC_TASKS and "acc_norm,none" in r:
+            run.values[task] = float(r["acc_norm,none"])
+            se = r.get("acc_norm_stderr,none")
+            if isinstance(se, (int, float)):
+                run.stderr[task] = float(se)
+        else:
+            continue
+        run.limits[task] = cfg.get("limit")
+    model_args = cfg.get("model_args", "")
+    if isinstance(model_args, dict):
+        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    limit = cfg.get("limit")
+    command = f"lm_eval --model ctp --model_args {model_args} --tasks {','.join(tasks)}" + (
+        f" --limit {limit:g}" if isinstance(limit, (int, float)) else ""
+    )
+    run.files.append(
+        dict(
+            file=os.path.relpath(path, root) if root else path.name,
+            command=command,
+            date=float(res.get("date") or 0),
+            hardware=cfg.get("ctp_hardware", "?"),
+            wall_s=float(res.get("total_evaluation_time_seconds") or 0),
+            versions=f"ctp-eval {cfg.get('ctp_eval_version', '?')}, lm-eval {res.get('lm_eval_version', '?')}",
+        )
+    )
+    return run
+
+
+def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = None) -> list[Run]:
+    """Read and merge results files; a later file (by date) overrides the same task of an earlier one."""
+    root = Path(root).resolve() if root else None
+    runs = [read_run(p.resolve(), root) for p in find_results(paths)]
+    runs.sort(key=lambda r: (r.files[0]["date"], r.files[0]["file"]))
+    merged: dict[tuple, Run] = {}
+    for run in runs:
+        if run.key not in merged:
+            merged[run.key] = run
+            continue
+        m = merged[run.key]
+        m.values.update(run.values)
+        m.stderr.update(run.stderr)
+        m.sources.update(run.sources)
+        m.limits.update(run.limits)
+        m.files.extend(run.files)
+        m.trainable_params = max(m.trainable_params, run.trainable_params)
+    return sorted(merged.values(), key=run_sort_key)
+
+
+# ----- ordering --------------------------------------------------------------------------------------------
+def spec_sort_key(spec: str) -> tuple:
+    """none, then quantization (more bits first), then sparsity (less first), then joint specs."""
+    from ctp_eval.compress.spec import parse_spec  # the one spec grammar; imports no torch
+
+    parsed = parse_spec(spec)
+    if parsed.is_none:
+        return (0, 0.0, 0.0, False, spec)
+    bits = float(parsed.quant.bits) if parsed.quant else 16.0
+    sparsity = parsed.sparse.sparsity if parsed.sparse else 0.0
+    family = 3 if parsed.quant and parsed.sparse else (1 if parsed.quant else 2)
+    method = (parsed.sparse or parsed.quant).method
+    return (family, -bits, sparsity, method not in ("gptq", "sparsegpt"), spec)
+
+
+def run_sort_key(run: Run) -> tuple:
+    return (run.model, spec_sort_key(run.compression), KIND_ORDER[run.kind], run.k, run.train_data, run.trained_on,
+            run.recipe != "paper", run.recipe)
+
+
+
+def main_k(runs: list[Run]) -> int:
+    ks = [r.k for r in runs if r.kind == "learned" and not r.in_study]
+    if not ks:
+        return 0
+    return max(set(ks), key=lambda k: (ks.count(k), k == 100, k))
+
+
+def label(run: Run) -> str:
+    base = "dense" if run.kind == "dense" else f"{run.compression}, {KIND_LABEL[run.kind]}"
+    if run.kind == "learned":
+        recipe = "" if run.recipe == "paper" else f", recipe {run.recipe}"
+        base += f" (k={run.k}, {run.train_data}{recipe})"
+        if run.trained_on != run.compression:
+            base += f" from {run.trained_on}"
+    if run.kind == "lora":
+        base += f" ({run.train_data})"
+    return base
