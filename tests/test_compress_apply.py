@@ -107,9 +107,11 @@ def test_rtn_needs_no_calibration_and_none_is_noop():
 def test_true_sequential_groups_and_batching():
     model = build_model("llama", vocab_size=VOCAB)
     _, blocks = find_blocks(model)
-    batches = capture_block_inputs(model, blocks[0], _calib(), batch_size=3)
-    assert [b[0].shape[0] for b in batches] == [3, 3, 2]
-    groups = _sequential_groups(blocks[0], block_linears(blocks[0]), batches[0], torch.device("cpu"))
+    batches = capture_block_inputs(model, blocks, _calib(), batch_size=3)
+    assert [b.hidden.shape[0] for b in batches] == [3, 3, 2]
+    assert all(len(b.calls) == len(blocks) for b in batches)
+    first = [batches[0].hidden, *batches[0].calls[0]]
+    groups = _sequential_groups(blocks[0], block_linears(blocks[0]), first, torch.device("cpu"))
     assert groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
@@ -123,3 +125,63 @@ def test_true_sequential_groups_and_batching():
     agree = sum(torch.isclose(wa[k], wb[k], atol=1e-6).float().mean() for k in wa) / len(wa)
     assert agree > 0.99
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_unused_linear_is_named_and_left_unchanged(caplog, true_sequential):
+    model = build_model("llama", vocab_size=VOCAB)
+    _, blocks = find_blocks(model)
+    blocks[1].mlp.spare = torch.nn.Linear(64, 64)  # registered in the block, never called (an unrouted expert)
+    spare = blocks[1].mlp.spare.weight.detach().clone()
+    with caplog.at_level("WARNING", logger="ctp_eval.compress.apply"):
+        stats = compress_model(model, "gptq:w2", _calib(), progress=False,
+                               options=CompressOptions(true_sequential=true_sequential))
+    assert torch.equal(blocks[1].mlp.spare.weight, spare)
+    assert stats["unused"] == ["model.layers.1.mlp.spare"]
+    assert "model.layers.1.mlp.spare" in caplog.text and "left uncompressed" in caplog.text
+    assert "model.layers.1.mlp.spare" not in stats["layers"]
+    w = blocks[1].mlp.down_proj.weight
+    assert max(row.unique().numel() for row in w) <= 4  # the Linears that ran were compressed
+
+
+def test_linear_run_by_only_some_batches_is_compressed_in_true_sequential():
+    """An expert that batch 0 does not route to still gets its Hessian from the other batches."""
+    model = build_model("llama", vocab_size=VOCAB)
+    _, blocks = find_blocks(model)
+    mlp = blocks[0].mlp
+    mlp.expert = torch.nn.Linear(64, 64)
+    forward = mlp.forward
+
+    def routed(x):
+        out = forward(x)
+        return out + mlp.expert(x) if x.shape[0] < 3 else out  # only the short last batch reaches the expert
+
+    mlp.forward = routed
+    stats = compress_model(model, "gptq:w2", _calib(n=8), batch_size=3, progress=False,
+                           options=CompressOptions(true_sequential=True))
+    assert "model.layers.0.mlp.expert" in stats["layers"] and "unused" not in stats
+    assert max(row.unique().numel() for row in mlp.expert.weight) <= 4
+
+
+def test_refuses_blocks_with_weights_outside_linear():
+    from transformers import AutoModelForCausalLM, GPT2Config, MixtralConfig
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*attn\.c_attn: Conv1D.*nn\.Linear"):
+        compress_model(gpt2, "rtn:w4", None)
+    moe = AutoModelForCausalLM.from_config(MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match=r"MixtralForCausalLM.*mlp\.experts: MixtralExperts \(4, 256, 64\)"):
+        compress_model(moe, "gptq:w4", _calib())
+
+
+def test_capture_restores_block_forward():
+    model = build_model("llama", vocab_size=VOCAB)
+    _, blocks = find_blocks(model)
+    before = model(_calib(2)).logits
+    sentinel = blocks[1].forward  # an instance-level forward, as accelerate's hooks install
+    blocks[1].forward = sentinel
+    capture_block_inputs(model, blocks, _calib(2), batch_size=2)
+    assert "forward" not in blocks[0].__dict__ and blocks[1].__dict__["forward"] is sentinel
+    assert torch.equal(model(_calib(2)).logits, before)  # the blocks compute again

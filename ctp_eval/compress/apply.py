@@ -1,24 +1,36 @@
 """One layer-by-layer traversal for any Hugging Face decoder-only LM.
 
 The model's repeated decoder blocks are found generically (the ModuleList of `num_hidden_layers` identical
-blocks: `model.layers` for Llama/Mistral/Qwen, `model.decoder.layers` for OPT, ...). A pre-hook that raises on
-block 0 captures the block inputs for every calibration batch (hidden states plus whatever kwargs the model
-passes: masks, rotary embeddings, positions). Then, one block at a time: forward hooks accumulate each
-Linear's Hessian H = 2 X^T X / N, the pure solver returns new weights, the weights are written, and the
-block is re-run *compressed* to give the next block its inputs, so later layers calibrate against the
-errors of earlier ones (as GPTQ/SparseGPT do). Memory stays at one block's activations and Hessians.
+blocks: `model.layers` for Llama/Mistral/Qwen, `model.decoder.layers` for OPT, ...). One forward of the model
+per calibration batch, with every block stood in for by a recorder, captures block 0's hidden states and what
+the model passes *each* block besides them (attention mask, positions, rotary cos/sin), so blocks of another
+attention type (sliding vs full window, another rotary base: Gemma 2/3, Qwen2/3 with `max_window_layers`, ...)
+are calibrated on their own inputs, built by the model itself. Then, one block at a time: forward hooks
+accumulate each Linear's Hessian H = 2 X^T X / N, the pure solver returns new weights, the weights are
+written, and the block is re-run *compressed* to give the next block its inputs, so later layers calibrate
+against the errors of earlier ones (as GPTQ/SparseGPT do). Memory stays at one block's activations and
+Hessians. A Linear that never runs during calibration (an unrouted expert) has no Hessian: it is named in a
+warning and left unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .solvers import DEFAULT_BLOCKSIZE, DEFAULT_DAMP, gptq_solve, magnitude_prune, rtn_solve, sparsegpt_solve
+from .solvers import (
+    DEFAULT_BLOCKSIZE,
+    DEFAULT_DAMP,
+    gptq_solve,
+    magnitude_prune,
+    rtn_solve,
+    sparsegpt_solve,
+)
 from .spec import CompressSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -47,16 +59,44 @@ class CompressOptions:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks: the list of `num_hidden_layers` same-type modules."""
+    """(qualified name, ModuleList) of the decoder blocks: the list of `num_hidden_layers` same-type modules.
+
+    Refuses, naming them, blocks whose weights are not all in torch.nn.Linear (GPT-2's Conv1D, the fused
+    3-D expert tensors of transformers' MoE models): the solvers would leave those weights uncompressed.
+    """
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, mod in model.named_modules():  # pre-order: the outermost matching list comes first
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if n is not None and len(mod) != n:
             continue
-        if all(type(b) is type(mod[0]) for b in mod) and any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+        if not all(type(b) is type(mod[0]) for b in mod):
+            continue
+        others = _non_linear_weights(mod[0])
+        if others:
+            raise ValueError(
+                f"cannot compress {type(model).__name__}: its decoder blocks ({name}) hold weights outside "
+                f"torch.nn.Linear ({'; '.join(others)}); the GPTQ/SparseGPT solvers here handle nn.Linear "
+                "(out, in) weights only and would leave these uncompressed"
+            )
+        if any(isinstance(m, nn.Linear) for m in mod[0].modules()):
             return name, mod
-    raise ValueError(f"could not find the decoder block list of {type(model).__name__} (num_hidden_layers={n})")
+    raise ValueError(
+        f"cannot compress {type(model).__name__}: no list of num_hidden_layers={n} identical decoder blocks "
+        "holding torch.nn.Linear layers was found"
+    )
+
+
+def _non_linear_weights(block: nn.Module) -> list[str]:
+    """'name: Type (shapes)' for each module of `block` owning a weight matrix (>= 2-D) that is not a Linear."""
+    out = []
+    for name, m in block.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            continue
+        shapes = [tuple(p.shape) for p in m.parameters(recurse=False) if p.dim() >= 2]
+        if shapes:
+            out.append(f"{name}: {type(m).__name__} {', '.join(map(str, shapes))}")
+    return out
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -103,34 +143,87 @@ def _to(obj, device):
 
 
 class _Captured(Exception):
-    """Raised by the block-0 pre-hook: the rest of the model need not run during capture."""
+    """Raised by the last block's recorder: the final norm and LM head need not run during capture."""
 
 
-def capture_block_inputs(model: nn.Module, block0: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> list:
-    """Run the model up to block 0 on each calibration batch -> list of [hidden, args, kwargs] per batch."""
-    captured = []
+@dataclass
+class CalibBatch:
+    """One calibration batch on its way through the blocks."""
 
-    def pre_hook(_mod, args, kwargs):
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.append([hidden.detach(), rest, dict(kwargs)])
-        raise _Captured
+    hidden: torch.Tensor  # (B, T, d): input of the block being compressed
+    calls: list  # per block i: (args, kwargs) the model passes block i besides the hidden states
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int) -> list:
+    """One model forward per calibration batch -> [CalibBatch]: block 0's hidden states and every block's other inputs.
+
+    Each block's `forward` is swapped for a recorder that stores its arguments and returns the hidden states
+    unchanged, so no block computes (hidden states past block 0 are never used) and the last one stops the
+    forward. Masks and rotary tables are built by the model and shared between blocks of one attention type,
+    so holding them per block costs no memory beyond what the model itself allocates.
+    """
+    captured: list[CalibBatch] = []
+    last = len(blocks) - 1
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                captured.append(CalibBatch(hidden.detach(), []))
+            calls = captured[-1].calls
+            if len(calls) != i:
+                raise RuntimeError(f"{type(model).__name__} did not call its decoder blocks once each, in order")
+            calls.append((rest, dict(kwargs)))
+            if i == last:
+                raise _Captured
+            return hidden
+
+        return forward
 
     device = next(model.parameters()).device
-    handle = block0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    saved = [b.__dict__.get("forward") for b in blocks]  # an instance-level forward (accelerate hooks) is kept
     try:
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
         with torch.no_grad():
-            for b in range(0, calib_ids.shape[0], batch_size):
+            for s in range(0, calib_ids.shape[0], batch_size):
                 try:
-                    model(input_ids=calib_ids[b : b + batch_size].to(device), use_cache=False)
+                    model(input_ids=calib_ids[s : s + batch_size].to(device), use_cache=False)
                 except _Captured:
-                    pass
+                    continue
+                raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
     finally:
-        handle.remove()
+        for b, fwd in zip(blocks, saved):
+            del b.forward
+            if fwd is not None:
+                b.forward = fwd
     return captured
+
+
+def calibrated_blocks(
+    model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor | None, batch_size: int = 8, device=None
+) -> Iterator[tuple[int, nn.Module, torch.device, list | None]]:
+    """Yield (i, block, work device, inputs) for each block in order; `inputs` is [[hidden, args, kwargs]] per
+    calibration batch, block i's own inputs (None without calib_ids). The block sits on the work device
+    (`device`, default: where it lives) while the caller changes it; on resumption the block, as the caller
+    left it, is run on its inputs to make the next block's inputs (the last block's output is not needed),
+    then moved back. A caller that changes nothing sees exactly the model's own `output_hidden_states`.
+    """
+    batches = capture_block_inputs(model, blocks, calib_ids, batch_size) if calib_ids is not None else None
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        work = torch.device(device) if device is not None else home
+        block.to(work)
+        inputs = None if batches is None else [[b.hidden, *b.calls[i]] for b in batches]
+        yield i, block, work, inputs
+        if batches is not None and i < len(blocks) - 1:
+            for b, out in zip(batches, _run_block(block, inputs, work)):
+                b.hidden, b.calls[i] = out, None  # the block's inputs are spent
+        block.to(home)
 
 
 def _run_block(block: nn.Module, batches: list, device) -> list[torch.Tensor]:
@@ -168,11 +261,13 @@ def _sequential_groups(block: nn.Module, linears: dict[str, nn.Linear], batch, d
             groups.append([])
         groups[-1].append(name)
         last = key
-    return groups
+    seen = {n for g in groups for n in g}
+    unseen = [n for n in linears if n not in seen]  # e.g. an expert batch 0 did not route to: other batches may
+    return groups + ([unseen] if unseen else [])
 
 
 def _hessians(block, linears: dict[str, nn.Linear], names: list[str], batches: list, device) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / N (in, in) float32 for each named Linear, over all calibration tokens."""
+    """H = 2 X^T X / N (in, in) float32 for each named Linear that ran, over all calibration tokens."""
     H = {n: torch.zeros(linears[n].in_features, linears[n].in_features, device=device) for n in names}
     count = {n: 0 for n in names}
     memo: dict = {}  # q/k/v (and gate/up) read the same tensor: compute X^T X once per batch
@@ -197,9 +292,8 @@ def _hessians(block, linears: dict[str, nn.Linear], names: list[str], batches: l
         memo.clear()
         for h in hooks:
             h.remove()
-    for n in names:
-        H[n] *= 2.0 / max(count[n], 1)
-    return H
+    # A Linear that never ran has no Hessian at all (H = 0 would zero its weights): leave it out.
+    return {n: H[n] * (2.0 / count[n]) for n in names if count[n] > 0}
 
 
 def baseline_spec(spec: CompressSpec) -> CompressSpec:
@@ -259,28 +353,27 @@ def compress_model(
         return stats
     prefix, blocks = find_blocks(model)
     calibrated = spec.needs_calibration
-    batches = None
-    if calibrated:
-        if calib_ids is None or calib_ids.ndim != 2:
-            raise ValueError(f"{spec} needs calibration data: calib_ids LongTensor (n, seqlen)")
-        batches = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    if calibrated and (calib_ids is None or calib_ids.ndim != 2):
+        raise ValueError(f"{spec} needs calibration data: calib_ids LongTensor (n, seqlen)")
+    walk = calibrated_blocks(model, blocks, calib_ids if calibrated else None, batch_size, device)
     n_zero = n_total = 0
-    for i, block in enumerate(tqdm(blocks, desc=f"compress {spec}", unit="layer", disable=not progress)):
-        home = next(block.parameters()).device
-        work = torch.device(device) if device is not None else home
-        block.to(work)
+    unused: list[str] = []
+    for i, block, work, inputs in tqdm(walk, total=len(blocks), desc=f"compress {spec}", unit="layer", disable=not progress):
         linears = block_linears(block)
         if calibrated and options.true_sequential:
-            groups = _sequential_groups(block, linears, batches[0], work)
+            groups = _sequential_groups(block, linears, inputs[0], work)
         else:
             groups = [list(linears)]
         for group in groups:
-            H = _hessians(block, linears, group, batches, work) if calibrated else {}
+            H = _hessians(block, linears, group, inputs, work) if calibrated else {}
             for name in group:
+                full = f"{prefix}.{i}.{name}"
+                if calibrated and name not in H:
+                    unused.append(full)
+                    continue
                 lin = linears[name]
                 W = lin.weight.data
                 W_new, st = solve_layer(W, H.get(name), spec, options)
-                full = f"{prefix}.{i}.{name}"
                 stats["layers"][full] = _layer_stats(W, W_new, H.get(name), st, spec)
                 if qparams_out is not None and "scale" in st:
                     qparams_out[full] = {k: st[k].cpu() for k in ("scale", "zero", "g_idx") if k in st}
@@ -288,11 +381,12 @@ def compress_model(
                 n_zero += int((W_new == 0).sum())
                 n_total += W_new.numel()
             H.clear()
-        if calibrated:
-            outs = _run_block(block, batches, work)  # compressed block -> inputs of the next one
-            for batch, out in zip(batches, outs):
-                batch[0] = out
-        block.to(home)
+    if unused:
+        logger.warning(
+            "%d Linear layer(s) never ran on the calibration data and were left uncompressed: %s",
+            len(unused), ", ".join(unused),
+        )
+        stats["unused"] = unused
     stats["time_s"] = time.perf_counter() - t0
     stats["zeros"] = n_zero / max(n_total, 1)
     stats["n_linear"] = len(stats["layers"])
