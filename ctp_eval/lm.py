@@ -14,6 +14,9 @@ to the model as a ready cache for every batch, instead of re-encoding k extra po
 Left padding in generation: the cache sits physically before the pads, but the pads are masked and
 transformers derives positions from the mask's cumsum, so each row sees [prompt][text] at positions
 0..k-1, k.. - the same as unpadded one-at-a-time generation (the bug of peft issue #1093 does not arise).
+Sliding-window layers (Mistral, Gemma 2/3, Qwen2/3 with sliding layers) are the exception: their window
+counts slots, pads included, so a padded batch of such a model is generated through the prepend path,
+which puts each row's pads before the prompt, as HF pads plain text.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class CTPLM(HFLM):
                 "for text (use a shorter prompt or a larger max_length)"
             )
         self.prompt_embeds = None  # (k, d) on the model's device/dtype
-        self.prefix_kv = None  # per layer (keys, values), each (1, heads, k, head_dim)
+        self.prefix_kv = None  # the prompt's transformers Cache (batch 1), copied for every batch
         if self.soft_prompt is not None:
             emb = self.model.get_input_embeddings().weight
             self.prompt_embeds = self.soft_prompt.embeds.to(device=emb.device, dtype=emb.dtype)
@@ -139,7 +142,7 @@ class CTPLM(HFLM):
 
                 return forward_with_prompt(self.model, inps, self.prompt_embeds)
             # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
-            cache = prefix_cache(self.prefix_kv, inps.shape[0], self.model.config)
+            cache = prefix_cache(self.prefix_kv, inps.shape[0])
             return self.model(input_ids=inps, past_key_values=cache, use_cache=True).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
@@ -149,16 +152,19 @@ class CTPLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(context)
+        padded = bool((mask == 0).any())
         mask = torch.cat([mask.new_ones(bsz, k), mask], dim=1)  # the prompt is always attended
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        if self.prefix_kv is not None:
+        # A sliding window counts cache slots, not positions: pads between the cached prompt and the text would
+        # push prompt positions out of the window. Such batches take the prepend path, which pads before the prompt.
+        if self.prefix_kv is not None and not (padded and has_sliding_layers(self.prefix_kv)):
             placeholder = context.new_full((bsz, k), pad_id)
             # HFLM's own generate (sampling defaults, stop strings, autocast) on [k placeholder ids][context]:
             # transformers expects input_ids to cover the cached positions too but only embeds the uncached
             # tail, so the placeholders are never looked up; stop strings are searched after them.
             out = super()._model_generate(
                 torch.cat([placeholder, context], dim=1), max_length + k, stop, attention_mask=mask,
-                past_key_values=prefix_cache(self.prefix_kv, bsz, self.model.config), **generation_kwargs,
+                past_key_values=prefix_cache(self.prefix_kv, bsz), **generation_kwargs,
             )
             return out[:, k:]
         # prompt_mode=prepend (the reference path): generate from inputs_embeds, which HFLM's method cannot pass.
@@ -169,6 +175,12 @@ class CTPLM(HFLM):
         stopping = stop_sequences_criteria(self.tokenizer, stop, k + context.shape[1], bsz)
         embeds = self.model.get_input_embeddings()(context)
         prefix = self.prompt_embeds.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
+        embeds = torch.cat([prefix, embeds], dim=1)  # (B, k + L, d): [prompt][pads][text]
+        # Move each row's left pads in front of the prompt ([pads][prompt][text]), as HF left-pads plain text:
+        # every real position then shifts alike, which sliding-window layers need (positions come from the mask).
+        order = torch.argsort(mask, dim=1, stable=True)  # (B, k + L): masked slots first, the rest in order
+        embeds = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        mask = mask.gather(1, order)
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
@@ -176,7 +188,7 @@ class CTPLM(HFLM):
         ):
             # With inputs_embeds, generate returns only new ids; prepend the context as HFLM slices it off.
             new = self.model.generate(
-                inputs_embeds=torch.cat([prefix, embeds], dim=1),
+                inputs_embeds=embeds,
                 attention_mask=mask,
                 max_length=max_length + k,
                 stopping_criteria=stopping,
@@ -248,21 +260,27 @@ def hardware_summary(device) -> str:
     return text
 
 
-def compute_prefix_kv(model, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run the k prompt embeddings once; return per-layer (keys, values), each (1, heads, k, head_dim)."""
+def compute_prefix_kv(model, prompt_embeds: torch.Tensor):
+    """Run the k prompt embeddings once; return the model's own cache of their key/value states (batch 1).
+
+    The transformers Cache object is kept whole rather than as raw tensors: a sliding-window layer (Mistral,
+    Gemma 2/3, Qwen2/3 with sliding layers) stores only the last window-1 positions and counts the k it has
+    seen, and its masks and positions need that count.
+    """
     with torch.no_grad():
         out = model(inputs_embeds=prompt_embeds.unsqueeze(0), use_cache=True)
-    cache = out.past_key_values
-    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+    return out.past_key_values
 
 
-def prefix_cache(prefix_kv, batch_size: int, config):
-    """A fresh DynamicCache holding the prompt's states for `batch_size` rows.
+def has_sliding_layers(cache) -> bool:
+    """Whether any layer of a transformers Cache keeps a sliding window (its own layer classes say so)."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", []))
 
-    `expand` makes views, not copies; the cache concatenates new states into new tensors, so the stored prefix
-    is never written to and can be reused by every batch.
-    """
-    from transformers import DynamicCache
 
-    data = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in prefix_kv]
-    return DynamicCache(ddp_cache_data=data, config=config)
+def prefix_cache(prefix_kv, batch_size: int):
+    """A fresh copy of the prompt's cache for `batch_size` rows; the stored one is never handed to the model."""
+    import copy
+
+    cache = copy.deepcopy(prefix_kv)
+    cache.batch_repeat_interleave(batch_size)  # transformers' own batch expansion, every layer type alike
+    return cache

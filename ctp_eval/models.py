@@ -97,13 +97,38 @@ def model_id(pretrained: str | os.PathLike | None) -> str:
     return p
 
 
+class UnsupportedModelError(ValueError):
+    """A model that a soft prompt cannot be fed to; the message names what is missing."""
+
+
+def check_supported(model) -> None:
+    """Refuse a model that cannot take a soft prompt: a decoder-only LM with an input embedding module whose
+    forward accepts `inputs_embeds` (the prompt enters as embeddings, never as token ids)."""
+    import inspect
+
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; ctp-eval prompts decoder-only causal LMs")
+    try:
+        embed = model.get_input_embeddings()
+    except NotImplementedError:
+        embed = None
+    if embed is None:
+        raise UnsupportedModelError(f"{name} exposes no input embedding module (get_input_embeddings()), "
+                                    "which turns tokens into prompt vectors")
+    params = inspect.signature(model.forward).parameters
+    if "inputs_embeds" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise UnsupportedModelError(f"{name}.forward takes no inputs_embeds argument, through which the prompt is fed")
+
+
 def load_model_and_tokenizer(pretrained: str | None = None, *, dtype=None, device: str = "cpu"):
-    """Load a causal LM + tokenizer (frozen, eval mode). `dtype` defaults to float32."""
+    """Load a causal LM + tokenizer (frozen, eval mode; refused if it cannot take a prompt). `dtype` defaults to float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_pretrained(pretrained)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    check_supported(model)
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)

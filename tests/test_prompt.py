@@ -135,3 +135,25 @@ def test_init_from_vocab_samples_embedding_rows(model_and_tok):
 def test_metadata_unknown_keys_kept_in_extra():
     m = PromptMetadata.from_dict({"base_model": "x", "future_field": 1})
     assert m.base_model == "x" and m.extra == {"future_field": 1}
+
+
+def test_token_vectors_include_the_models_embedding_scale(tiny_tokenizer):
+    """Gemma scales embeddings by sqrt(hidden_size) inside the embedding module: prompt vectors made from
+    token ids (hard prompt, vocabulary init) must carry that factor, as real tokens do."""
+    from archs import build_arch
+
+    model = build_arch("gemma3", vocab_size=len(tiny_tokenizer))
+    weight = model.get_input_embeddings().weight
+    factor = torch.tensor(model.config.hidden_size**0.5, dtype=weight.dtype)  # 8 at hidden 64
+    text = "soft prompt recovers"
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    hard = SoftPrompt.from_text(text, model, tiny_tokenizer).embeds
+    torch.testing.assert_close(hard, weight[ids].detach() * factor)
+    vocab = init_from_vocab(model, 10, seed=0)
+    for row in vocab:  # every row is a scaled row of the vocabulary embedding
+        assert torch.isclose(weight.detach() * factor, row, rtol=1e-6, atol=0).all(dim=1).any()
+    # and the hard prompt scores text exactly as its tokens prepended for real
+    x = torch.tensor([tiny_tokenizer(" of France.", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        want = model(input_ids=torch.cat([torch.tensor([ids]), x], 1)).logits[:, len(ids):]
+        torch.testing.assert_close(forward_with_prompt(model, x, hard), want, rtol=1e-5, atol=1e-6)
