@@ -155,7 +155,7 @@ def test_c_loglikelihood_rolling(prompted, mode):
         lm.tok_encode(LONG_TEXT), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1)]
     assert len(windows) >= 2 and lm.max_length + lm.k <= 128  # several windows, each filling the model
     want = sum(_ref_score(lm, lm.prompt_embeds, ctx, cont) for ctx, cont in windows)
-    assert got == pytest.approx(want, abs=2e-3)
+    assert got == pytest.approx(want, abs=5e-4)  # a sum over ~270 tokens (~1500 nats); seen <= 8e-5
 
 
 @pytest.mark.parametrize("mode", ["cache", "prepend"])

@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from .quant import find_params, group_slices, quantize, rtn_quantize
+from .quant import find_params, quantize, rtn_quantize
 
 DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal, as in both reference implementations
 DEFAULT_BLOCKSIZE = 128
