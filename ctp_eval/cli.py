@@ -58,7 +58,7 @@ def compress_main(argv: list[str] | None = None) -> None:
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="compression spec, e.g. gptq:w3g128, sparsegpt:0.5+gptq:w4")
     source.add_argument("--from-compressed", metavar="DIR",
-                        help="an existing compressed checkpoint (cache entry or --out folder) to export; needs --export")
+                        help="a compressed checkpoint made earlier (cache entry or --out folder) to export")
     ap.add_argument("--model", default=None, help="HF id or folder; default: embedded SmolLM2-135M")
     ap.add_argument("--out", default=None, help="also copy the compressed checkpoint to this folder")
     ap.add_argument("--export", default=None, metavar="DIR",

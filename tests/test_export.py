@@ -64,7 +64,10 @@ def _grid_weight(rows=3, cols=12, group=8, bits=3, sym=False, seed=0):
     n_groups = math.ceil(cols / group)
     maxq = 2**bits - 1
     q = torch.randint(0, maxq + 1, (rows, cols), generator=gen)
-    zero = torch.full((rows, n_groups), float(2 ** (bits - 1))) if sym else torch.randint(0, maxq + 1, (rows, n_groups), generator=gen).float()
+    if sym:
+        zero = torch.full((rows, n_groups), float(2 ** (bits - 1)))
+    else:
+        zero = torch.randint(0, maxq + 1, (rows, n_groups), generator=gen).float()
     scale = torch.rand(rows, n_groups, generator=gen) + 0.1
     col = torch.arange(cols) // group
     W = scale[:, col] * (q - zero[:, col])
@@ -305,7 +308,8 @@ def test_ctp_compress_export_and_from_compressed(tiny_llama_dir, tmp_path, monke
     monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
     calib = ["--nsamples", "4", "--seqlen", "32"]
     fq, exp = tmp_path / "fq", tmp_path / "exp"
-    compress_main(["--spec", "gptq:w4g16", "--model", str(tiny_llama_dir), "--out", str(fq), "--export", str(exp), *calib])
+    model = ["--model", str(tiny_llama_dir)]
+    compress_main(["--spec", "gptq:w4g16", *model, "--out", str(fq), "--export", str(exp), *calib])
     assert capsys.readouterr().out.split() == [str(fq), str(exp)]
     assert json.loads((exp / "ctp_compression.json").read_text())["export"]["max_abs_diff"] == 0.0
 
@@ -316,7 +320,7 @@ def test_ctp_compress_export_and_from_compressed(tiny_llama_dir, tmp_path, monke
 
     # refused before compressing: nothing lands in the cache
     with pytest.raises(SystemExit, match="cannot export: sparsegpt:0.5 is sparse-only"):
-        compress_main(["--spec", "sparsegpt:0.5", "--model", str(tiny_llama_dir), "--export", str(tmp_path / "x"), *calib])
+        compress_main(["--spec", "sparsegpt:0.5", *model, "--export", str(tmp_path / "x"), *calib])
     assert not any("sparsegpt" in p.name for p in (tmp_path / "cache" / "compressed").iterdir())
     with pytest.raises(SystemExit, match="exists"):
         compress_main(["--from-compressed", str(fq), "--export", str(exp)])
@@ -326,3 +330,46 @@ def test_ctp_compress_export_and_from_compressed(tiny_llama_dir, tmp_path, monke
         compress_main(["--from-compressed", str(fq)])
     with pytest.raises(SystemExit):
         compress_main(["--from-compressed", str(fq), "--spec", "gptq:w4", "--export", str(tmp_path / "z")])
+
+
+# ----- the real model ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_export_round_trip(tmp_path):
+    """SmolLM2-135M, gptq:w4g128 (4 x 128 calibration tokens): widths 576 and 1536 are stored with groups of 64."""
+    from conftest import DATA_DIR
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctp_eval.lm import CTPLM
+    from ctp_eval.ppl import perplexity
+    from ctp_eval.prompt import SoftPrompt, init_from_vocab
+
+    calib = CalibConfig(nsamples=4, seqlen=128)
+    src = ensure_compressed(None, "gptq:w4g128", calib=calib, cache_dir=tmp_path, data_dir=DATA_DIR, progress=False)
+    out = tmp_path / "export"
+    record = export_compressed(src, out)
+    assert record["max_abs_diff"] == 0.0 and record["group_size"] == 64 and record["n_linear"] == 30 * 7
+
+    fq = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ct = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    fq_lin, ct_lin = _linears(fq), _linears(ct)
+    assert all(torch.equal(ct_lin[n].weight, m.weight) for n, m in fq_lin.items())
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):  # 576 and 1536 wide
+        assert torch.equal(dequantize_from_files(tensors, name, 4, 64, False), fq_lin[name].weight), name
+    ids = torch.randint(0, fq.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ct(ids).logits, fq(ids).logits, rtol=0, atol=1e-4)
+
+    dense = sum(m.weight.numel() * 4 for m in fq_lin.values())
+    expected = sum(expected_linear_bytes(m.out_features, m.in_features, 4, 64, False) for m in fq_lin.values())
+    assert record["linear_bytes"] == {"fake_quant": dense, "export": expected, "ratio": dense / expected}
+    assert record["linear_bytes"]["ratio"] > 6.9  # 32 bits -> 4 + 32/64 (scale) + 4/64 (zero) bits per weight
+
+    # the same prompt file gives the same perplexity through `--model ctp pretrained=EXPORT`
+    tok = AutoTokenizer.from_pretrained(src)
+    SoftPrompt.for_model(init_from_vocab(fq, 20, seed=0), fq, tok).save(tmp_path / "p.safetensors")
+    lms = [CTPLM(pretrained=str(p), prompt=str(tmp_path / "p.safetensors"), device="cpu", dtype="float32",
+                 batch_size=2) for p in (src, out)]
+    ppl = [perplexity(lm.model, lm.tokenizer, "wikitext2", "test", seqlen=128, prompt=lm.prompt_embeds,
+                      limit_windows=2, data_dir=DATA_DIR).ppl for lm in lms]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)

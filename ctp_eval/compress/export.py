@@ -56,9 +56,9 @@ NO_SPARSE_FORMAT = (
 )
 NO_GROUP_ACT_ORDER = (
     "act-order with groups puts input column j in group g_idx[j], a non-contiguous grouping; compressed-tensors "
-    "removed activation-ordered groups (actorder='group', the weight_g_idx tensor) and its formats only hold "
-    "groups of consecutive columns, so the grid cannot be stored without re-quantizing. Export gptq:wNgG "
-    "(no -act) or per-channel gptq:wN-act instead"
+    "dropped activation-ordered groups (actorder='group' and its weight_g_idx tensor are refused since 0.19) and "
+    "its formats only hold groups of consecutive columns, so the grid cannot be stored without re-quantizing. "
+    "Export gptq:wNgG (no -act) or per-channel gptq:wN-act instead"
 )
 
 
