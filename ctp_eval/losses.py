@@ -108,6 +108,8 @@ def split_head(model):
     decoder = get_decoder() if get_decoder is not None else None
     if decoder is None or head is None:
         return None
+    if getattr(model.config, "final_logit_softcapping", None):  # applied after lm_head (Gemma 2): not a split
+        return None
     ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]  # (1, 8)
     was_training = model.training
     model.eval()

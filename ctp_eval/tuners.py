@@ -11,7 +11,7 @@ import logging
 import torch
 
 from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
-from ctp_eval.prompt import SoftPrompt, init_from_vocab
+from ctp_eval.prompt import SoftPrompt, init_from_vocab, token_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,11 @@ def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: t
         return prompt.embeds.clone()
     weight = model.get_input_embeddings().weight
     if init == "random":
+        # the std of prompt-space vectors: the embedding module's own scale (Gemma: sqrt(hidden)) included
+        probe = torch.arange(min(1024, weight.shape[0]))
+        scale = (token_vectors(model, probe).norm() / weight[probe.to(weight.device)].detach().float().cpu().norm()).item()
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn(k, weight.shape[1], generator=gen) * weight.float().std().item()
+        return torch.randn(k, weight.shape[1], generator=gen) * weight.float().std().item() * scale
     text = "paper" if init == "paper" else init[len("text:") :]
     rows = SoftPrompt.from_text(text, model, tokenizer).embeds  # (n, d)
     reps = -(-k // rows.shape[0])

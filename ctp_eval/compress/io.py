@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = "ctp_compression.json"
 QPARAMS_FILE = "ctp_qparams.safetensors"
-FORMAT = "ctp-compression/1"  # bump when solver behaviour changes, so stale cache entries are not reused
+FORMAT = "ctp-compression/2"  # bump when solver behaviour changes, so stale cache entries are not reused
 
 
 @dataclass(frozen=True)
