@@ -202,6 +202,18 @@ def test_export_round_trips_through_transformers(tiny_llama_dir, calib, tmp_path
     assert info["spec"] == spec and info["export"]["linear_bytes"]["export"] == expected
 
 
+def test_export_is_architecture_generic(tiny_model_dir, tmp_path):
+    """Llama and OPT (q/k/v/out_proj, fc1/fc2, biases, tied head): every tensor comes back identical."""
+    from transformers import AutoModelForCausalLM
+
+    src = ensure_compressed(str(tiny_model_dir), "rtn:w4g32", cache_dir=tmp_path, progress=False)
+    record = export_compressed(src, tmp_path / "export")
+    fq, ct = AutoModelForCausalLM.from_pretrained(src), AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    assert record["n_linear"] == len(_linears(fq)) == {"llama": 14, "opt": 12}[fq.config.model_type]
+    ref, got = fq.state_dict(), ct.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_bf16_checkpoint_exports_exactly(tiny_llama_dir, tmp_path):
     """8-bit codes on bf16 weights: re-rounding with bf16 scales would miss codes; the export must not."""
     from transformers import AutoModelForCausalLM
