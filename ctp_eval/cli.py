@@ -63,12 +63,23 @@ def compress_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="also copy the compressed checkpoint to this folder")
     ap.add_argument("--export", default=None, metavar="DIR",
                     help="also write the compressed-tensors export (pack-quantized) to this new folder")
-    ap.add_argument("--device", default="cpu", help="where each block is solved (cpu, cuda, ...)")
+    ap.add_argument("--device", default="auto",
+                    help="where each block is solved (auto: cuda if available, else cpu; cuda:1, ...); the model "
+                         "itself stays on the host and its blocks visit the device one at a time")
+    ap.add_argument("--dtype", default="auto",
+                    help="dtype of the weights while compressing and on disk (auto: the checkpoint's own, e.g. "
+                         "bfloat16); part of the cache key. Hessians and solves are float32 regardless")
+    ap.add_argument("--activations-on-host", action="store_true",
+                    help="keep the calibration activations on the host instead of the device (less device memory)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for Hessians and solves (default: all that torch uses; env CTP_COMPRESS_THREADS)")
     calib = ap.add_argument_group("calibration")
     add_dataclass_args(calib, CalibConfig)
     solver = ap.add_argument_group("solver")
     add_dataclass_args(solver, CompressOptions)
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.from_compressed and not args.export:
         ap.error("--from-compressed needs --export DIR")
     if args.from_compressed and (args.model or args.out):
@@ -82,7 +93,9 @@ def compress_main(argv: list[str] | None = None) -> None:
             if problem:  # refuse before spending the compression time
                 raise SystemExit(f"ctp-compress: cannot export: {problem}")
             path = ensure_compressed(args.model, args.spec, calib=config_from_args(CalibConfig, args),
-                                     options=config_from_args(CompressOptions, args), device=args.device)
+                                     options=config_from_args(CompressOptions, args), device=args.device,
+                                     dtype=args.dtype, activations_on_host=args.activations_on_host,
+                                     threads=args.threads)
         except (SpecError, ValueError, FileNotFoundError) as err:
             raise SystemExit(f"ctp-compress: {err}")
         if args.out:

@@ -121,13 +121,61 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(f"{name}.forward takes no inputs_embeds argument, through which the prompt is fed")
 
 
+def resolve_device(device=None):
+    """`device` as a torch.device, checked: None / "auto" -> "cuda" when CUDA is available, else "cpu".
+
+    A device this machine does not have (`cuda` without CUDA, `cuda:3` on a 2-GPU host, `mps` off a Mac) is
+    refused here, with its name, rather than deep inside a forward pass.
+    """
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
+    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta") else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(f"device {device!r} was asked for, but this torch ({torch.__version__}) sees no "
+                         f"{dev.type} device; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def resolve_dtype(pretrained: str | os.PathLike | None, dtype=None):
+    """`dtype` as a floating torch.dtype: None / "auto" -> the dtype the checkpoint was saved in (its config's
+    `dtype`, float32 if it names none), so a bf16 model stays bf16; "bfloat16" / torch.bfloat16 pass through."""
+    import torch
+
+    asked = dtype
+    embedded = pretrained in (None, "", "smollm2", "default")
+    if (dtype is None or str(dtype) == "auto") and embedded and not (default_cache_dir() / "models" / EMBEDDED_ID).is_dir():
+        dtype = torch.float32  # what embedded_model_dir() converts the GGUF to; no ~18 s conversion just to say so
+    if dtype is None or str(dtype) == "auto":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be auto or a floating torch dtype (float32, bfloat16, float16), got {asked!r}")
+    return dtype
+
+
 def load_model_and_tokenizer(pretrained: str | None = None, *, dtype=None, device: str = "cpu"):
-    """Load a causal LM + tokenizer (frozen, eval mode; refused if it cannot take a prompt). `dtype` defaults to float32."""
+    """Load a causal LM + tokenizer (frozen, eval mode; refused if it cannot take a prompt).
+
+    `dtype` defaults to float32; "auto" keeps the checkpoint's own dtype (see `resolve_dtype`).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_pretrained(pretrained)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    dtype = torch.float32 if dtype is None else resolve_dtype(path, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     check_supported(model)
     model.to(device).eval()
     model.requires_grad_(False)

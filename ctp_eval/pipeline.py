@@ -90,7 +90,10 @@ class BenchConfig:
         "ctp-train --dtype (default: --dtype); bfloat16 trains ~1.35x faster on CPU while evaluation stays in --dtype"))
     calib_nsamples: int = field(default=128, metadata=_m("calibration sequences for compression"))
     calib_seqlen: int = field(default=2048, metadata=_m("calibration sequence length"))
-    dtype: str = field(default="float32", metadata=_m("evaluation/training dtype"))
+    dtype: str = field(default="float32", metadata=_m(
+        "evaluation/training dtype, also the dtype models are compressed and cached in (bfloat16 for a 7B model)"))
+    compress_device: str = field(default="auto", metadata=_m(
+        "where compression solves each block (auto: cuda if available, else cpu); the model stays on the host"))
     eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
     max_length: int | None = field(default=None, metadata=_m(
         "lm-eval max_length model arg (model window incl. prompt); >= 1024 + k for the PPL tasks. Smaller windows "
@@ -185,8 +188,9 @@ class Runner:
         if cfg.dry_run:
             return f"<compressed {spec}>"
         calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
-        # The default cache, so that `lm_eval --model ctp --model_args compression=SPEC,calib_...` finds it.
-        return ensure_compressed(cfg.model, spec, calib=calib)
+        # The default cache, so that `lm_eval --model ctp --model_args compression=SPEC,calib_...,dtype=D` finds it:
+        # the dtype is part of the cache key, the device is not.
+        return ensure_compressed(cfg.model, spec, calib=calib, device=cfg.compress_device, dtype=cfg.dtype)
 
     def model_args(self, spec: str) -> str:
         """model_args a user can paste anywhere: the spec and calibration, not a machine-local path."""

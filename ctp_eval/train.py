@@ -342,15 +342,23 @@ def _load_model(cfg: TrainConfig, device):
 
     path = models.resolve_pretrained(cfg.model)
     compression = cfg.compression
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if compression != "none":
         from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
 
         calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
-        path = str(ensure_compressed(path, compression, calib=calib, data_dir=cfg.data_dir))
+        # Compressed where and in what the training runs: the same cache entry as compression=SPEC,dtype=...
+        args = dict(calib=calib, data_dir=cfg.data_dir, device=device, dtype=dtype)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            path = str(ensure_compressed(path, compression, **args))
+        else:  # one compression per host: the other ranks wait for its cache entry (polling: no collective timeout)
+            logger.info("rank %s waits for local rank 0 to compress %s", os.environ.get("RANK"), compression)
+            while (found := ensure_compressed(path, compression, lookup_only=True, **args)) is None:
+                time.sleep(10)
+            path = found
     else:
         info = _compressed_info(path)  # --model may itself be a compressed checkpoint folder
         compression = info.get("spec", "unknown") if info else "none"
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
     return model, tokenizer, compression
 

@@ -8,14 +8,23 @@ attention type (sliding vs full window, another rotary base: Gemma 2/3, Qwen2/3 
 are calibrated on their own inputs, built by the model itself. Then, one block at a time: forward hooks
 accumulate each Linear's Hessian H = 2 X^T X / N, the pure solver returns new weights, the weights are
 written, and the block is re-run *compressed* to give the next block its inputs, so later layers calibrate
-against the errors of earlier ones (as GPTQ/SparseGPT do). Memory stays at one block's activations and
-Hessians. A Linear that never runs during calibration (an unrouted expert) has no Hessian: it is named in a
-warning and left unchanged.
+against the errors of earlier ones (as GPTQ/SparseGPT do). A Linear that never runs during calibration (an
+unrouted expert) has no Hessian: it is named in a warning and left unchanged.
+
+Block offload: the model stays where it was loaded (the host, in its own dtype); with `device=` each block in
+turn moves there for Hessian accumulation and the solves, then goes back. The calibration activations and
+every block's other inputs (masks, rotary tables) live on that device too (`activations_on_host=True` keeps
+them on the host and moves one batch at a time). Hessians are float32 and the solves work on float32 copies
+whatever the model's dtype; weights are written back in the model's dtype. Peak memory on the device: one
+block + its Hessians + the activations; on the host: the model. CPU work uses torch's thread count (all cores
+by default); `threads=` or $CTP_COMPRESS_THREADS sets it for the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +43,8 @@ from .solvers import (
 from .spec import CompressSpec, parse_spec
 
 logger = logging.getLogger(__name__)
+
+THREADS_ENV = "CTP_COMPRESS_THREADS"
 
 
 @dataclass(frozen=True)
@@ -131,15 +142,45 @@ def solve_layer(
     return W, stats
 
 
-def _to(obj, device):
-    """Move tensors nested in tuples/lists/dicts to `device` (block kwargs: masks, rotary (cos, sin), ...)."""
+def _to(obj, device, memo: dict | None = None):
+    """Move tensors nested in tuples/lists/dicts to `device` (block kwargs: masks, rotary (cos, sin), ...).
+
+    `memo` (id -> moved tensor) moves a tensor shared by several blocks once, so it stays shared there.
+    """
     if torch.is_tensor(obj):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
+
+
+def _move_block(block: nn.Module, device: torch.device) -> None:
+    """Move one decoder block (its weights keep their dtype). A single seam, so tests can watch the offload."""
+    block.to(device)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's CPU thread count set to `n` for the block (None: $CTP_COMPRESS_THREADS, else left as is, which is
+    every core torch sees). A previous version pinned solves to 1 thread, because on a 2-core machine shared
+    with other jobs extra threads mostly waited; bench/README.md ("Scale") has the measurements."""
+    if n is None and os.environ.get(THREADS_ENV):
+        n = int(os.environ[THREADS_ENV])
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Captured(Exception):
@@ -205,25 +246,42 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: tor
 
 
 def calibrated_blocks(
-    model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor | None, batch_size: int = 8, device=None
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calib_ids: torch.Tensor | None,
+    batch_size: int = 8,
+    device=None,
+    activations_on_host: bool = False,
 ) -> Iterator[tuple[int, nn.Module, torch.device, list | None]]:
     """Yield (i, block, work device, inputs) for each block in order; `inputs` is [[hidden, args, kwargs]] per
     calibration batch, block i's own inputs (None without calib_ids). The block sits on the work device
     (`device`, default: where it lives) while the caller changes it; on resumption the block, as the caller
     left it, is run on its inputs to make the next block's inputs (the last block's output is not needed),
     then moved back. A caller that changes nothing sees exactly the model's own `output_hidden_states`.
+
+    The inputs are captured where the model lives, then moved to the work device once (shared masks and
+    rotary tables stay shared) unless `activations_on_host`. Each batch's input is dropped as soon as its
+    output exists, so the activations are held once, not twice.
     """
     batches = capture_block_inputs(model, blocks, calib_ids, batch_size) if calib_ids is not None else None
+    target = torch.device(device) if device is not None else None
+    if batches is not None and target is not None and not activations_on_host:
+        memo: dict = {}
+        for b in batches:
+            b.hidden, b.calls = _to(b.hidden, target, memo), _to(b.calls, target, memo)
+        del memo
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
-        work = torch.device(device) if device is not None else home
-        block.to(work)
+        work = target or home
+        _move_block(block, work)
         inputs = None if batches is None else [[b.hidden, *b.calls[i]] for b in batches]
         yield i, block, work, inputs
         if batches is not None and i < len(blocks) - 1:
-            for b, out in zip(batches, _run_block(block, inputs, work)):
+            for j, b in enumerate(batches):
+                out = _run_block(block, [inputs[j]], work)[0]
+                inputs[j] = None  # the caller's list too: the old hidden states are freed batch by batch
                 b.hidden, b.calls[i] = out, None  # the block's inputs are spent
-        block.to(home)
+        _move_block(block, home)
 
 
 def _run_block(block: nn.Module, batches: list, device) -> list[torch.Tensor]:
@@ -334,17 +392,18 @@ def compress_model(
     batch_size: int = 8,
     progress: bool = True,
     qparams_out: dict | None = None,
+    activations_on_host: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Compress every Linear inside the decoder blocks of `model` in place, layer by layer.
 
     calib_ids: LongTensor (n, seqlen) of calibration tokens; required when the spec needs calibration
     (GPTQ/SparseGPT), ignored for RTN/magnitude. device: where each block is solved (moved there one at a
-    time and back); default: where the model is. qparams_out: if a dict, receives
-    {"<linear name>": {"scale", "zero"[, "g_idx"]}} for packed export.
+    time and back, see the module docstring); default: where the model is. activations_on_host: keep the
+    calibration activations where the model is rather than on `device`. threads: CPU threads (`cpu_threads`).
+    qparams_out: if a dict, receives {"<linear name>": {"scale", "zero"[, "g_idx"]}} for packed export.
     Returns JSON-able stats: spec, wall time, overall zero fraction, and per-layer zeros/loss/rel_err.
     """
-    from tqdm.auto import tqdm
-
     spec = parse_spec(spec)
     t0 = time.perf_counter()
     stats: dict = {"spec": str(spec), "layers": {}}
@@ -355,32 +414,9 @@ def compress_model(
     calibrated = spec.needs_calibration
     if calibrated and (calib_ids is None or calib_ids.ndim != 2):
         raise ValueError(f"{spec} needs calibration data: calib_ids LongTensor (n, seqlen)")
-    walk = calibrated_blocks(model, blocks, calib_ids if calibrated else None, batch_size, device)
-    n_zero = n_total = 0
-    unused: list[str] = []
-    for i, block, work, inputs in tqdm(walk, total=len(blocks), desc=f"compress {spec}", unit="layer", disable=not progress):
-        linears = block_linears(block)
-        if calibrated and options.true_sequential:
-            groups = _sequential_groups(block, linears, inputs[0], work)
-        else:
-            groups = [list(linears)]
-        for group in groups:
-            H = _hessians(block, linears, group, inputs, work) if calibrated else {}
-            for name in group:
-                full = f"{prefix}.{i}.{name}"
-                if calibrated and name not in H:
-                    unused.append(full)
-                    continue
-                lin = linears[name]
-                W = lin.weight.data
-                W_new, st = solve_layer(W, H.get(name), spec, options)
-                stats["layers"][full] = _layer_stats(W, W_new, H.get(name), st, spec)
-                if qparams_out is not None and "scale" in st:
-                    qparams_out[full] = {k: st[k].cpu() for k in ("scale", "zero", "g_idx") if k in st}
-                lin.weight.data.copy_(W_new)
-                n_zero += int((W_new == 0).sum())
-                n_total += W_new.numel()
-            H.clear()
+    walk = calibrated_blocks(model, blocks, calib_ids if calibrated else None, batch_size, device, activations_on_host)
+    with cpu_threads(threads):
+        unused = _compress_blocks(walk, len(blocks), prefix, spec, options, stats, qparams_out, progress)
     if unused:
         logger.warning(
             "%d Linear layer(s) never ran on the calibration data and were left uncompressed: %s",
@@ -388,7 +424,7 @@ def compress_model(
         )
         stats["unused"] = unused
     stats["time_s"] = time.perf_counter() - t0
-    stats["zeros"] = n_zero / max(n_total, 1)
+    stats["zeros"] = stats.pop("_zeros") / max(stats.pop("_total"), 1)
     stats["n_linear"] = len(stats["layers"])
     for k in ("rel_err", "rel_err_baseline"):
         vals = [v[k] for v in stats["layers"].values() if k in v]
@@ -396,3 +432,49 @@ def compress_model(
             stats[f"{k}_mean"] = sum(vals) / len(vals)
     logger.info("compressed %d Linear layers with %s in %.1fs", stats["n_linear"], spec, stats["time_s"])
     return stats
+
+
+def _compress_blocks(walk, n_blocks: int, prefix: str, spec: CompressSpec, options: CompressOptions, stats: dict,
+                     qparams_out: dict | None, progress: bool) -> list[str]:
+    """The per-block loop of `compress_model`: fills stats["layers"] (and zero counts), returns unused Linears."""
+    from tqdm.auto import tqdm
+
+    calibrated = spec.needs_calibration
+    stats["_zeros"] = stats["_total"] = 0
+    unused: list[str] = []
+    bar = tqdm(walk, total=n_blocks, desc=f"compress {spec}", unit="block", disable=not progress)
+    for i, block, work, inputs in bar:
+        linears = block_linears(block)
+        if calibrated and options.true_sequential:
+            groups = _sequential_groups(block, linears, inputs[0], work)
+        else:
+            groups = [list(linears)]
+        for group in groups:
+            bar.set_postfix_str(f"Hessians {', '.join(group)}" if calibrated else "")
+            H = _hessians(block, linears, group, inputs, work) if calibrated else {}
+            for name in group:
+                full = f"{prefix}.{i}.{name}"
+                if calibrated and name not in H:
+                    unused.append(full)
+                    continue
+                bar.set_postfix_str(f"solve {name}")
+                h = H.pop(name, None)  # freed once used: a 7B down_proj Hessian alone is 0.45 GiB
+                st = _solve_into(linears[name], h, spec, options, stats, full)
+                if qparams_out is not None and "scale" in st:
+                    qparams_out[full] = {k: st[k].cpu() for k in ("scale", "zero", "g_idx") if k in st}
+    return unused
+
+
+def _solve_into(lin: nn.Linear, H: torch.Tensor | None, spec: CompressSpec, options: CompressOptions, stats: dict,
+                full: str) -> dict:
+    """Solve one Linear on a float32 copy of its weight (whatever the model's dtype), write the result back in
+    the weight's own dtype, and record the layer's stats on the weights as stored. Returns the solver stats."""
+    W = lin.weight.data
+    W32 = W.to(torch.promote_types(W.dtype, torch.float32))  # the weight itself for an fp32 model: read before writing
+    W_new, st = solve_layer(W32, H, spec, options)
+    stored = W_new.to(W.dtype)  # what the checkpoint will hold (bf16 rounding of the grid included)
+    stats["layers"][full] = _layer_stats(W32, stored, H, st, spec)
+    stats["_zeros"] += int((stored == 0).sum())
+    stats["_total"] += stored.numel()
+    W.copy_(stored)
+    return st

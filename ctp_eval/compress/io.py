@@ -162,22 +162,32 @@ def ensure_compressed(
     calib: CalibConfig = CalibConfig(),
     options: CompressOptions = CompressOptions(),
     cache_dir: str | os.PathLike | None = None,
-    device: str = "cpu",
-    dtype=torch.float32,
+    device=None,
+    dtype=None,
     data_dir=None,
     batch_size: int = 8,
     progress: bool = True,
-) -> str:
+    activations_on_host: bool = False,
+    threads: int | None = None,
+    lookup_only: bool = False,
+) -> str | None:
     """Local folder of `pretrained` compressed with `spec`: from the cache, else compressed now and cached.
 
     `pretrained` is a hub id, a local folder, or None for the embedded SmolLM2-135M. Spec "none" returns the
     dense model's path. A folder that already holds a compression is returned as is when its spec matches
     (so a saved checkpoint can be passed together with its spec) and rejected otherwise. The cache lives in
     `cache_dir` (default `default_cache_dir()/"compressed"`), one folder per key, written atomically.
+
+    dtype: the weights' dtype while compressing and on disk ("auto"/None: the checkpoint's own, e.g. bf16); it
+    is part of the cache key. device: where each block is solved ("auto"/None: CUDA when available, else the
+    CPU); the model itself is loaded on the host and the blocks visit `device` one at a time (see
+    `apply.compress_model`, with `activations_on_host` and `threads`). lookup_only: return the cached folder
+    or None, never compress.
     """
     from ctp_eval import models
 
     spec = parse_spec(spec)
+    work = models.resolve_device(device)  # a bad device fails here, before any loading
     if spec.is_none:
         return models.resolve_pretrained(pretrained)
     existing = read_compression_info(pretrained) if pretrained and os.path.isdir(str(pretrained)) else None
@@ -189,6 +199,7 @@ def ensure_compressed(
             f"{existing.get('base_model')!r} with {str(spec)!r} instead of stacking compressions"
         )
     base, identity = _model_identity(pretrained)
+    dtype = models.resolve_dtype(pretrained, dtype)
     calibration = calibration_details(calib, data_dir) if spec.needs_calibration else None
     key = cache_key(identity, spec, calibration, options, dtype)
     root = Path(cache_dir) if cache_dir is not None else models.default_cache_dir() / "compressed"
@@ -196,20 +207,25 @@ def ensure_compressed(
     if (target / INFO_FILE).is_file():
         logger.info("compressed model cache hit: %s", target)
         return str(target)
+    if lookup_only:
+        return None
 
-    logger.info("compressing %s with %s (cache miss, key %s)", base, spec, key)
-    model, tokenizer = models.load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
+    logger.info("compressing %s with %s in %s, blocks solved on %s (cache miss, key %s)", base, spec,
+                str(dtype).replace("torch.", ""), work, key)
+    model, tokenizer = models.load_model_and_tokenizer(pretrained, device="cpu", dtype=dtype)  # host; blocks visit `work`
     calib_ids = calibration_ids(tokenizer, calib, data_dir) if spec.needs_calibration else None
     qparams: dict = {}
     stats = compress_model(
-        model, spec, calib_ids, options=options, batch_size=batch_size, progress=progress, qparams_out=qparams
+        model, spec, calib_ids, options=options, device=work, batch_size=batch_size, progress=progress,
+        qparams_out=qparams, activations_on_host=activations_on_host, threads=threads,
     )
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         save_compressed(
             model, tokenizer, tmp, spec=spec, base_model=base, calibration=calibration, options=options,
-            stats=stats, qparams=qparams, extra={"cache_key": key, "base_model_path": identity},
+            stats=stats, qparams=qparams,
+            extra={"cache_key": key, "base_model_path": identity, "compress_device": str(work)},
         )
         os.replace(tmp, target)
     except OSError:

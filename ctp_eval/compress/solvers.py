@@ -25,8 +25,6 @@ is gone; `tests/test_gptq_reference.py` checks parity with a port of the referen
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .quant import find_params, quantize, rtn_quantize
@@ -37,15 +35,17 @@ DEFAULT_BLOCKSIZE = 128
 
 def _inverse_hessian_factor(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero dead inputs in W (in place) and return (upper Cholesky factor of (H + damp)^-1, dead mask)."""
-    H = H.clone().double()  # float64 only for the (in, in) factorization, where fp32 loses rank on big layers
+    H = H.to(torch.float64, copy=True)  # float64 only for the (in, in) factorization: fp32 loses rank on big layers
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return U.to(W.dtype), dead
+    # All three steps in place (LAPACK works in place; same bits as out-of-place): one float64 (in, in) matrix
+    # instead of four, i.e. 0.9 GiB rather than 3.6 GiB for a 7B model's 11008-wide down_proj.
+    torch.linalg.cholesky(H, out=H)  # L
+    torch.cholesky_inverse(H, out=H)  # H^-1
+    torch.linalg.cholesky(H, upper=True, out=H)  # U
+    return H.to(W.dtype), dead
 
 
 def _work_copy(W: torch.Tensor) -> torch.Tensor:
@@ -152,27 +152,6 @@ def _sweep(
     return out
 
 
-def _one_cpu_thread(fn):
-    """Run a solver on one CPU thread. A solve is thousands of tiny sequential ops plus small factorizations;
-    with several OpenMP threads on a shared CPU each op pays a thread rendezvous, measured 10-50x slower
-    (10 s vs 0.2 s for a 1536x576 layer on 2 busy cores). The thread count is restored afterwards; tensors on
-    an accelerator are unaffected."""
-
-    @functools.wraps(fn)
-    def wrapper(W: torch.Tensor, *args, **kwargs):
-        if W.device.type != "cpu":
-            return fn(W, *args, **kwargs)
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(W, *args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-
-    return wrapper
-
-
-@_one_cpu_thread
 def gptq_solve(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -212,7 +191,6 @@ def gptq_solve(
     return Q.to(dtype), stats
 
 
-@_one_cpu_thread
 def sparsegpt_solve(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -255,7 +233,6 @@ def sparsegpt_solve(
     return res["Q"].to(dtype), stats
 
 
-@_one_cpu_thread
 def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.0, n: int = 0, m: int = 0) -> tuple[torch.Tensor, dict]:
     """Magnitude pruning baseline: zero the smallest |w|, exactly round(sparsity*numel) per layer or n per m."""
     Wf = W.detach().clone()
@@ -276,7 +253,6 @@ def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.0, n: int = 0, m: in
     return Wf, {"mask": mask}
 
 
-@_one_cpu_thread
 def rtn_solve(W: torch.Tensor, *, bits: int, group_size: int = 0, sym: bool = False) -> tuple[torch.Tensor, dict]:
     """Round-to-nearest baseline on the same grids as GPTQ (0 stays 0, so it composes with a mask)."""
     Q, scale, zero = rtn_quantize(W, bits, group_size, sym)
