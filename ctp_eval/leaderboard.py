@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from ctp_eval.runs import MC_TASKS, PPL_TASKS, Run, label, load_runs, main_k, spec_sort_key  # noqa: F401
+from ctp_eval.runs import MC_TASKS, PPL_TASKS, Run, label, load_runs, main_k, multi_build_specs, spec_sort_key  # noqa: F401
 
 
 # ----- formatting ------------------------------------------------------------------------------------------
@@ -60,7 +60,8 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     k = main_k(runs)
     ppl, mc = _ppl_tasks(runs), _mc_tasks(runs)
     dense = next((r for r in runs if r.kind == "dense"), None)
-    by_spec: dict[str, list[Run]] = {}
+    several = multi_build_specs(runs)
+    by_spec: dict[tuple[str, str], list[Run]] = {}  # (spec, build) -> rows: a build's rows compare to its own baseline
     for r in runs:
         if r.kind == "dense":
             continue
@@ -68,21 +69,22 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             continue  # transfer / other data / other k / study cells: tables 2-5
         if r.kind == "lora" and r.trained_on != r.compression:
             continue
-        by_spec.setdefault(r.compression, []).append(r)
+        by_spec.setdefault((r.compression, r.build), []).append(r)
     headers = ["configuration"] + [_ppl_header(t, runs) for t in ppl] + [f"{MC_TASKS[t]} acc_norm %" for t in mc]
     recovery = bool(by_spec)  # a dense-only page (e.g. a full-data reference) has nothing to recover
     if recovery:
         headers += ["trainable params", "gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"]
     rows = []
-    ordered = ([dense] if dense else []) + [r for spec in sorted(by_spec, key=spec_sort_key) for r in by_spec[spec]]
+    groups = sorted(by_spec, key=lambda g: (spec_sort_key(g[0]), g[1] != "", g[1]))  # earlier builds first
+    ordered = ([dense] if dense else []) + [r for g in groups for r in by_spec[g]]
     for r in ordered:
-        base = next((x for x in by_spec.get(r.compression, []) if x.kind == "none"), None)
+        base = next((x for x in by_spec.get((r.compression, r.build), []) if x.kind == "none"), None)
         gaps = []
         if r.kind in ("hard", "learned", "lora") and base and dense:
             for t in ppl:
                 g = gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t))
                 gaps.append("–" if g is None else f"{g:.0f}")
-        row = [label(r)] + [fmt_ppl(r.values.get(t)) for t in ppl] + [fmt_acc(r, t) for t in mc]
+        row = [label(r, r.compression in several)] + [fmt_ppl(r.values.get(t)) for t in ppl] + [fmt_acc(r, t) for t in mc]
         if recovery:
             row += [f"{r.trainable_params:,}", " / ".join(gaps) if gaps else ""]
         rows.append(row)
@@ -102,7 +104,10 @@ def transfer_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[str
     out = []
     for task in _ppl_tasks(runs):
         headers = [f"{PPL_TASKS[task]} PPL: prompt learned on ↓ / applied to →"] + evaluated
-        rows = [["(no prompt)"] + [fmt_ppl(next((r.values.get(task) for r in runs if r.kind == "none" and r.compression == b), None)) for b in evaluated]]
+        builds = sorted({r.build for r in runs if r.kind == "none"}, key=lambda b: (b != "", b))
+        rows = [["(no prompt)" + (f" [build {b or 'earlier'}]" if len(builds) > 1 else "")]
+                + [fmt_ppl(next((r.values.get(task) for r in runs if r.kind == "none" and r.compression == x
+                                 and r.build == b), None)) for x in evaluated] for b in builds]
         for a, recipe in sources:
             cells = [fmt_ppl(next((r.values.get(task) for r in learned
                                    if r.trained_on == a and r.recipe == recipe and r.compression == b), None))
@@ -123,7 +128,8 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
     headers = ["compression", "prompt learned on"] + [_ppl_header(t, runs) for t in ppl]
     rows = []
     for spec in sorted(specs, key=spec_sort_key):
-        for r in [x for x in runs if x.kind == "none" and x.compression == spec]:
+        builds = {x.build for x in learned if x.compression == spec}  # the baseline of the prompts' own build
+        for r in [x for x in runs if x.kind == "none" and x.compression == spec and x.build in builds]:
             rows.append([spec, "(no prompt)"] + [fmt_ppl(r.values.get(t)) for t in ppl])
         for r in sorted((x for x in learned if x.compression == spec), key=lambda x: (x.train_data, x.recipe)):
             what = f"`{r.train_source}`" + ("" if r.recipe == "paper" else f" (recipe {r.recipe})")
@@ -141,7 +147,8 @@ def length_ablation_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] 
     headers = ["compression", "k"] + [_ppl_header(t, runs) for t in ppl] + ["trainable params"]
     rows = []
     for spec in sorted(specs, key=spec_sort_key):
-        for r in [x for x in runs if x.kind == "none" and x.compression == spec]:
+        builds = {x.build for x in learned if x.compression == spec}  # the baseline of the prompts' own build
+        for r in [x for x in runs if x.kind == "none" and x.compression == spec and x.build in builds]:
             rows.append([spec, "0 (no prompt)"] + [fmt_ppl(r.values.get(t)) for t in ppl] + ["0"])
         for r in sorted((x for x in learned if x.compression == spec), key=lambda x: x.k):
             rows.append([spec, str(r.k)] + [fmt_ppl(r.values.get(t)) for t in ppl] + [f"{r.trainable_params:,}"])
@@ -165,7 +172,7 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
 
     for r in sorted(cells, key=order):
         a = r.recipe_args
-        base = next((x for x in runs if x.kind == "none" and x.compression == r.compression), None)
+        base = next((x for x in runs if x.kind == "none" and x.compression == r.compression and x.build == r.build), None)
         gaps = [gap_recovered(base.values.get(t) if base else None, r.values.get(t),
                               dense.values.get(t) if dense else None) for t in ppl]
         tokens = a.get("steps", 0) * a.get("batch_size", 0) * a.get("seqlen", 0)
@@ -257,9 +264,11 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
             out += [f"![{caption}]({path})", ""]
     out += ["", "## Runs", ""]
     rows = []
+    several = multi_build_specs(runs)
     for r in runs:
         for f in r.files:
-            rows.append([label(r), f"`{f['file']}`", f"`{f['command']}`", _utc_day(f["date"]), f"{f['wall_s'] / 60:.1f}"])
+            rows.append([label(r, r.compression in several), f"`{f['file']}`", f"`{f['command']}`", _utc_day(f["date"]),
+                         f"{f['wall_s'] / 60:.1f}"])
     out += [_table(["configuration", "results file", "command", "date", "wall min"], rows), ""]
     return "\n".join(out)
 

@@ -75,6 +75,9 @@ class CTPLM(HFLM):
             info = read_compression_info(path) if os.path.isdir(path) else None
             if info:
                 self.compression = info.get("spec", "none")
+        from ctp_eval.compress.io import build_id
+
+        self.compression_build = build_id(path) if os.path.isdir(path) else ""  # which build of the spec
         super().__init__(pretrained=path, **kwargs)
         if self.backend != "causal":
             raise ValueError("ctp supports decoder-only (causal) models only")
@@ -232,6 +235,7 @@ class CTPLM(HFLM):
             ctp_hardware=hardware_summary(self.device),
             ctp_base_model=self.base_model_id,
             ctp_compression=self.compression,
+            ctp_compression_build=self.compression_build,
             ctp_prompt=self.prompt_path,
             ctp_hard_prompt=self.hard_prompt,
             ctp_peft=self.peft_path,

@@ -192,6 +192,14 @@ class Runner:
         # the dtype is part of the cache key, the device is not.
         return ensure_compressed(cfg.model, spec, calib=calib, device=cfg.compress_device, dtype=cfg.dtype)
 
+    def run_name(self, spec: str, path: str) -> str:
+        """Results folder stem of a spec's runs: the spec and its build, so a rebuilt compressed model gets
+        its own no-prompt baseline instead of reusing another build's results."""
+        from ctp_eval.compress.io import build_id
+
+        build = build_id(path) if not self.cfg.dry_run and spec != "none" else ""
+        return f"{slug(spec)}-{build}" if build else slug(spec)
+
     def model_args(self, spec: str) -> str:
         """model_args a user can paste anywhere: the spec and calibration, not a machine-local path."""
         cfg = self.cfg
@@ -260,18 +268,19 @@ class Runner:
         for spec in cfg.spec_list:
             path = self.compressed(spec)
             args = self.model_args(spec)
-            self.evaluate(f"{slug(spec)}-none", args, dense=False)
+            name = self.run_name(spec, path)
+            self.evaluate(f"{name}-none", args, dense=False)
             if cfg.hard_prompt:
-                self.evaluate(f"{slug(spec)}-hard", f"{args},hard_prompt=paper", dense=False)
+                self.evaluate(f"{name}-hard", f"{args},hard_prompt=paper", dense=False)
             prompt = self.train(spec, path)
-            self.evaluate(f"{slug(spec)}-learned-{cfg.prompt_tag}", f"{args},prompt={prompt}", dense=False)
+            self.evaluate(f"{name}-learned-{cfg.prompt_tag}", f"{args},prompt={prompt}", dense=False)
         for source in cfg.transfer_list:  # after the loop: every source prompt has been trained by now
             prompt = self.published(source)
             if not prompt.exists() and not cfg.dry_run:
                 raise SystemExit(f"ctp-bench: --transfer-from {source}: no learned prompt at {prompt}; "
                                  "add the spec to --specs so that it is trained first")
             for target in (t for t in cfg.spec_list if t != source):
-                self.evaluate(f"{slug(target)}-prompt-{slug(source)}-{cfg.prompt_tag}",
+                self.evaluate(f"{self.run_name(target, self.compressed(target))}-prompt-{slug(source)}-{cfg.prompt_tag}",
                               f"{self.model_args(target)},prompt={prompt}", dense=False, mc=False)
         if cfg.dry_run:
             return None

@@ -37,14 +37,17 @@ def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             recipes = sorted({r.recipe for r in fam if r.kind == "learned" and not r.in_study}, key=lambda x: (x != "paper", x))
-            lines = [("none", "", "o-", "no prompt"), ("hard", "", "s--", "hard prompt")] + [
-                ("learned", rec, "^-" if rec == "paper" else "v-",
+            builds = sorted({r.build for r in fam if r.kind == "none"}, key=lambda b: (b != "", b))
+            tag = lambda b: f" [build {b or 'earlier'}]" if len(builds) > 1 else ""  # noqa: E731
+            lines = [(kind, "", b, style, name + tag(b)) for b in builds
+                     for kind, style, name in (("none", "o-", "no prompt"), ("hard", "s--", "hard prompt"))] + [
+                ("learned", rec, None, "^-" if rec == "paper" else "v-",
                  "learned prompt" + ("" if rec == "paper" else f" (recipe {rec})")) for rec in recipes]
-            for kind, recipe, style, name in lines:
+            for kind, recipe, build, style, name in lines:
                 pts = sorted(
                     (_level(r.compression)[1], r.values[task])
                     for r in fam
-                    if r.kind == kind and task in r.values and (kind != "learned" or (
+                    if r.kind == kind and task in r.values and (build is None or r.build == build) and (kind != "learned" or (
                         r.trained_on == r.compression and r.train_data == "c4" and r.k == k and r.recipe == recipe))
                 )
                 if pts:

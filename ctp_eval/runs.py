@@ -35,6 +35,7 @@ class Run:
     train_data: str = ""  # corpus name (c4, wikitext2, ...): what the tables group by
     train_source: str = ""  # the exact training data (split and slice), shown in the data-transfer table
     trainable_params: int = 0
+    build: str = ""  # fingerprint of the compressed model's build ("" = dense or an earlier, unrecorded build)
     recipe: str = ""  # learned prompts: the training recipe's name ("paper" for the paper's, "study-..." cells)
     recipe_args: dict = field(default_factory=dict)  # its settings (loss, lr, seqlen, batch_size, steps, ...)
     values: dict[str, float] = field(default_factory=dict)  # task -> token PPL or acc_norm
@@ -45,7 +46,7 @@ class Run:
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.compression, self.kind, self.k, self.trained_on, self.train_data, self.recipe)
+        return (self.model, self.compression, self.build, self.kind, self.k, self.trained_on, self.train_data, self.recipe)
 
     @property
     def in_study(self) -> bool:
@@ -97,6 +98,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         train_data=_short_data(cfg.get("ctp_prompt_train_data", "")) if kind in ("learned", "lora") else "",
         train_source=cfg.get("ctp_prompt_train_data", "") if kind in ("learned", "lora") else "",
         trainable_params=int(cfg.get("ctp_trainable_params") or 0),
+        build=cfg.get("ctp_compression_build") or "",
         recipe=(cfg.get("ctp_prompt_recipe") or "paper") if kind == "learned" else "",
         recipe_args=cfg.get("ctp_prompt_recipe_args") or {},
     )
@@ -171,8 +173,8 @@ def spec_sort_key(spec: str) -> tuple:
 
 
 def run_sort_key(run: Run) -> tuple:
-    return (run.model, spec_sort_key(run.compression), KIND_ORDER[run.kind], run.k, run.train_data, run.trained_on,
-            run.recipe != "paper", run.recipe)
+    return (run.model, spec_sort_key(run.compression), run.build, KIND_ORDER[run.kind], run.k, run.train_data,
+            run.trained_on, run.recipe != "paper", run.recipe)
 
 
 
@@ -183,8 +185,10 @@ def main_k(runs: list[Run]) -> int:
     return max(set(ks), key=lambda k: (ks.count(k), k == 100, k))
 
 
-def label(run: Run) -> str:
-    base = "dense" if run.kind == "dense" else f"{run.compression}, {KIND_LABEL[run.kind]}"
+def label(run: Run, show_build: bool = False) -> str:
+    """Row label; `show_build` names the compressed model's build (where a spec has more than one)."""
+    spec = f"{run.compression} [build {run.build or 'earlier'}]" if show_build else run.compression
+    base = "dense" if run.kind == "dense" else f"{spec}, {KIND_LABEL[run.kind]}"
     if run.kind == "learned":
         recipe = "" if run.recipe == "paper" else f", recipe {run.recipe}"
         base += f" (k={run.k}, {run.train_data}{recipe})"
@@ -193,3 +197,8 @@ def label(run: Run) -> str:
     if run.kind == "lora":
         base += f" ({run.train_data})"
     return base
+
+
+def multi_build_specs(runs: list[Run]) -> set[str]:
+    """Specs evaluated on more than one build of their compressed model."""
+    return {r.compression for r in runs if len({x.build for x in runs if x.compression == r.compression}) > 1}

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
-                 hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0, recipe=None, recipe_args=None):
+                 hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0, recipe=None, recipe_args=None,
+                 build=None):
     results, configs = {}, {}
     for task, v in (ppl or {}).items():
         results[task] = {"alias": task, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
@@ -28,6 +29,8 @@ def write_result(d: Path, name: str, *, compression="none", prompt=None, trained
         "ctp_peft": None, "ctp_prompt_k": k, "ctp_trainable_params": k * 64 if prompt else 0,
         "ctp_hardware": "test cpu", "ctp_eval_version": "0.1.0",
     }
+    if build:
+        cfg["ctp_compression_build"] = build
     if prompt:
         cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
         if recipe:
@@ -172,4 +175,15 @@ def test_recipes_get_their_own_rows_and_study_table(results_dir, tmp_path):
     assert row[:7] == ["gptq:w3g128", "ce", "0.03", "linear", "1 x 1024", "49,152", "1024"]
     assert row[-1] == "60 / 40"  # (40-28)/20, (30-22)/20
     assert "kd.safetensors" not in study
+
+
+def test_each_build_of_a_spec_has_its_own_baseline(results_dir):
+    # a rebuilt gptq:w3g128 (other weights): its prompt's gap is measured against its own no-prompt row
+    write_result(results_dir, "w3-b2", compression="gptq:w3g128", build="ab12cd34", ppl={"ctp_c4": 60.0, "ctp_wikitext2": 50.0})
+    write_result(results_dir, "w3-b2-kd", compression="gptq:w3g128", build="ab12cd34", prompt="kd.safetensors", k=100,
+                 recipe="kd", ppl={"ctp_c4": 40.0, "ctp_wikitext2": 30.0})
+    rows = {r[0]: r for r in main_table(load_runs([results_dir]))[1]}
+    assert rows["gptq:w3g128 [build earlier], learned prompt (k=100, c4)"][-1] == "50 / 25"  # vs the earlier build
+    assert rows["gptq:w3g128 [build ab12cd34], learned prompt (k=100, c4, recipe kd)"][-1] == "50 / 50"  # (60-40)/40
+    assert "gptq:w3g128 [build ab12cd34], no prompt" in rows and "sparsegpt:0.5, no prompt" in rows
 

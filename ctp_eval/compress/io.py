@@ -233,3 +233,17 @@ def ensure_compressed(
         if not (target / INFO_FILE).is_file():  # lost a race to another process: fine if it finished
             raise
     return str(target)
+
+
+def build_id(path: str | os.PathLike) -> str:
+    """A short fingerprint of what a compression produced (its per-layer errors), "" for an uncompressed model.
+
+    The cache key names the inputs (model, spec, calibration, options, dtype, format); two builds with the same
+    key can still differ when solver code changed without a format bump. Results record this id, so a
+    leaderboard never compares a prompt with the no-prompt row of another build of the same spec.
+    """
+    info = read_compression_info(path)
+    if not info:
+        return ""
+    layers = (info.get("stats") or {}).get("layers", {})
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:8]
