@@ -169,7 +169,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch,
                  steps_planned=cfg.steps, val_windows=cfg.val_windows, dtype=cfg.dtype, recipe=cfg.recipe(),
                  recipe_name=cfg.recipe_name,
-                 teacher=teacher.identity if teacher else None,
+                 teacher=teacher.identity if teacher else None, compression_build=identity.get("build", ""),
                  trainable_params=sum(p.numel() for p in tuner.parameters()))
 
     def validate() -> float:
@@ -320,9 +320,11 @@ def _model_identity(cfg: TrainConfig) -> dict:
     from ctp_eval import models
 
     info = _compressed_info(cfg.model)
-    if info is not None:  # --model is a compressed checkpoint folder
+    if info is not None:  # --model is a compressed checkpoint folder; its build tells two builds of a spec apart
+        from ctp_eval.compress.io import build_id
+
         return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
-                    calibration=info.get("calibration"))
+                    calibration=info.get("calibration"), build=build_id(cfg.model))
     calibration = None
     if cfg.compression != "none":
         from ctp_eval.compress import parse_spec
