@@ -9,7 +9,7 @@ kernels. The reference algorithms are ~200 lines of plain PyTorch (`solvers.py`)
 brute-force least-squares reference.
 
 Layout: `spec` (the one spec syntax), `quant` (grids), `solvers` (pure W, H -> W'), `apply` (layer-by-layer
-traversal of any HF decoder), `io` (checkpoints and the on-disk cache), `export` (optional packed export).
+traversal of any HF decoder), `io` (checkpoints and the on-disk cache), `export` (deployable compressed-tensors export).
 Submodules load lazily so that `parse_spec` does not import torch.
 """
 
