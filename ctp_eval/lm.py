@@ -7,9 +7,14 @@ Only what changes is overridden (pattern of lm-eval's `hf_steered.py`):
   * `_model_generate` - prefix cache + k mask ones + ids that start with the context, as HFLM expects.
   * `loglikelihood_rolling` - only to route the paper-protocol perplexity tasks (`ctp_*`) to `ctp_eval.ppl`.
 
-The prompt is the same for every request, so its key/value states are computed once (`prefix_kv`) and handed
-to the model as a ready cache for every batch, instead of re-encoding k extra positions per sequence
-(`prompt_mode=prepend` keeps the plain concat-embeddings path as a reference; tests check they agree).
+The prompt is the same for every request, so its key/value states are computed once and every batch attends to
+them instead of re-encoding k extra positions per sequence. Scoring (`prompt_mode=cache`, the default) runs
+prompt-aware attention (`ctp_eval.prefix_attention`): each layer splits attention into the text part (causal,
+SDPA's fast path) and a small unmasked part over the k prompt keys, merged exactly by log-sum-exp; the prompt's
+states are read by every row without copies. Two plain paths are kept as references (tests check all three
+agree): `prompt_mode=cache-plain` hands the prompt's transformers cache to the model (each layer concatenates the
+prompt's keys with the text's under an explicit (T, k+T) mask), `prompt_mode=prepend` concatenates embeddings.
+Generation always uses the transformers cache (`prefix_kv`): decoding steps have one query, nothing to split.
 
 Left padding in generation: the cache sits physically before the pads, but the pads are masked and
 transformers derives positions from the mask's cumsum, so each row sees [prompt][text] at positions
@@ -34,7 +39,7 @@ from ctp_eval.prompt import SoftPrompt
 
 logger = logging.getLogger(__name__)
 
-PROMPT_MODES = ("cache", "prepend")
+PROMPT_MODES = ("cache", "cache-plain", "prepend")
 
 
 @register_model("ctp")
@@ -94,12 +99,18 @@ class CTPLM(HFLM):
                 "for text (use a shorter prompt or a larger max_length)"
             )
         self.prompt_embeds = None  # (k, d) on the model's device/dtype
-        self.prefix_kv = None  # the prompt's transformers Cache (batch 1), copied for every batch
+        self.prefix_kv = None  # the prompt's transformers Cache (batch 1), copied for every generation batch
+        self.prefix = None  # the prompt's per-layer keys/values for prompt-aware attention (prompt_mode=cache)
         if self.soft_prompt is not None:
             emb = self.model.get_input_embeddings().weight
             self.prompt_embeds = self.soft_prompt.embeds.to(device=emb.device, dtype=emb.dtype)
-            if prompt_mode == "cache":
+            if prompt_mode != "prepend":
                 self.prefix_kv = compute_prefix_kv(self.model, self.prompt_embeds)
+            if prompt_mode == "cache":
+                from ctp_eval import prefix_attention
+
+                with torch.no_grad():
+                    self.prefix = prefix_attention.compute_prefix(self.model, self.prompt_embeds)
 
     # ----- prompt ---------------------------------------------------------------------------------------
     def _build_prompt(self, prompt: str | None, hard_prompt: str | None) -> SoftPrompt | None:
@@ -142,12 +153,16 @@ class CTPLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
+            # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
+            if self.prefix is not None:
+                from ctp_eval import prefix_attention
+
+                return prefix_attention.forward_text(self.model, inps, self.prefix).logits
             if self.prefix_kv is None:
                 from ctp_eval.prompt import forward_with_prompt
 
                 return forward_with_prompt(self.model, inps, self.prompt_embeds)
-            # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
-            cache = prefix_cache(self.prefix_kv, inps.shape[0])
+            cache = prefix_cache(self.prefix_kv, inps.shape[0])  # prompt_mode=cache-plain
             return self.model(input_ids=inps, past_key_values=cache, use_cache=True).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:

@@ -19,6 +19,12 @@ decoder. Same loss and gradient, peak logits memory of one chunk, no recomputati
 never reach the LM head. The split into decoder + head is verified numerically against `model(...).logits`
 once per model; a model whose forward does anything else (logit soft-capping, scaling) falls back to the
 full-logits path (`full_loss`).
+
+Shared prompt (`shared_prefix=True`, what `ctp-train` runs): the k prompt positions are identical for every row of a
+batch, so the decoder runs them once per step (batch 1, with gradient) and every text row attends to their
+keys/values through `ctp_eval.prefix_attention` (broadcast, never copied B times). Same loss and gradient as
+prepending the prompt to each row; at batch 4 x 256 with k=100 the decoder sees 100 + 1024 positions instead of
+4 x 356 (-21%), and the prompt positions never reach the LM head or the loss either way.
 """
 
 from __future__ import annotations
@@ -91,11 +97,11 @@ def _next_token_terms(logits: torch.Tensor, targets: torch.Tensor, objective: Ob
 
 
 def full_loss(model, ids: torch.Tensor, prompt: torch.Tensor | None, objective: Objective = Objective(),
-              teacher: TeacherTargets | None = None) -> dict:
+              teacher: TeacherTargets | None = None, shared_prefix: bool = False) -> dict:
     """Reference loss through full logits (B, T, V) of `forward_with_prompt`; `loss` is differentiable."""
     from ctp_eval.prompt import forward_with_prompt
 
-    logits = forward_with_prompt(model, ids, prompt)  # (B, T, V), prompt positions already dropped
+    logits = forward_with_prompt(model, ids, prompt, shared_prefix=shared_prefix)  # (B, T, V), prompt dropped
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
     loss, ce, kd = _next_token_terms(flat, ids[:, 1:].reshape(-1), objective, teacher, 0, flat.shape[0])
     return {"loss": loss, "ce": ce, "kd": kd}
@@ -128,11 +134,17 @@ def split_head(model):
     return model.get_input_embeddings(), decoder, head
 
 
-def decoder_hidden(split, ids: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, d) last hidden states at the text positions, with `prompt` (k, d) prepended as inputs_embeds."""
+def decoder_hidden(split, ids: torch.Tensor, prompt: torch.Tensor | None, shared_prefix: bool = True) -> torch.Tensor:
+    """(B, T, d) last hidden states at the text positions, with `prompt` (k, d) in front of every row: run once
+    and shared by the rows (`shared_prefix`, see the module docstring), or prepended as inputs_embeds."""
     embed, decoder, _ = split
     if prompt is None:
         return decoder(input_ids=ids, use_cache=False).last_hidden_state
+    if shared_prefix:
+        from ctp_eval import prefix_attention
+
+        prefix = prefix_attention.compute_prefix(decoder, prompt)  # the k positions once, batch 1, with gradient
+        return prefix_attention.forward_text(decoder, ids, prefix).last_hidden_state
     tok = embed(ids)  # (B, T, d), as forward_with_prompt builds it
     prefix = prompt.to(tok.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)  # (B, k, d)
     hidden = decoder(inputs_embeds=torch.cat([prefix, tok], 1), use_cache=False).last_hidden_state
@@ -140,10 +152,11 @@ def decoder_hidden(split, ids: torch.Tensor, prompt: torch.Tensor | None) -> tor
 
 
 def chunked_loss_backward(split, ids: torch.Tensor, prompt: torch.Tensor | None, chunk: int,
-                          objective: Objective = Objective(), teacher: TeacherTargets | None = None) -> dict:
+                          objective: Objective = Objective(), teacher: TeacherTargets | None = None,
+                          shared_prefix: bool = True) -> dict:
     """Backpropagate the objective and return {loss, ce, kd} (detached). See module docstring."""
     head = split[2]
-    h = decoder_hidden(split, ids, prompt)[:, :-1]  # (B, T-1, d) predicts ids[:, 1:]
+    h = decoder_hidden(split, ids, prompt, shared_prefix)[:, :-1]  # (B, T-1, d) predicts ids[:, 1:]
     leaf = h.detach().contiguous().requires_grad_()
     flat_h, flat_t = leaf.view(-1, leaf.shape[-1]), ids[:, 1:].reshape(-1)
     n = flat_t.numel()

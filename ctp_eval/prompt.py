@@ -291,14 +291,25 @@ def init_from_vocab(model, k: int, seed: int = 0, candidates: torch.Tensor | Non
     return token_vectors(model, pool[torch.randperm(len(pool), generator=gen)[:k]])
 
 
-def forward_with_prompt(model, input_ids: torch.Tensor, prompt_embeds: torch.Tensor | None, attention_mask=None):
-    """Logits aligned to `input_ids` (B, T, V) with `prompt_embeds` (k, d) prepended as inputs_embeds.
+def forward_with_prompt(model, input_ids: torch.Tensor, prompt_embeds: torch.Tensor | None, attention_mask=None,
+                        shared_prefix: bool = False):
+    """Logits aligned to `input_ids` (B, T, V) with `prompt_embeds` (k, d) in front of every row.
 
-    This is the reference ("prepend") path: gradients flow into the prompt; the k prompt positions' logits are
-    dropped so callers index logits exactly as without a prompt. Right padding only (positions count from 0).
+    Default: the reference ("prepend") path, [prompt; text] as inputs_embeds; gradients flow into the prompt; the
+    k prompt positions' logits are dropped so callers index logits exactly as without a prompt. Right padding
+    only (positions count from 0). `shared_prefix=True`: the prompt's k positions run once for the whole batch
+    and every row attends to their keys/values (`ctp_eval.prefix_attention`); same logits and gradients, with
+    (B-1)*k fewer decoder positions. It takes no attention_mask (right padding needs none: attention is causal).
     """
     if prompt_embeds is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if shared_prefix:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("shared_prefix=True takes right-padded rows without an attention mask")
+        from ctp_eval import prefix_attention
+
+        prefix = prefix_attention.compute_prefix(model, prompt_embeds)
+        return prefix_attention.forward_text(model, input_ids, prefix).logits
     embed = model.get_input_embeddings()
     tok = embed(input_ids)  # (B, T, d)
     bsz, k = input_ids.shape[0], prompt_embeds.shape[0]

@@ -16,13 +16,15 @@ from ctp_eval.prompt import SoftPrompt, init_from_vocab, token_vectors
 logger = logging.getLogger(__name__)
 
 
-def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, teacher: TeacherTargets | None) -> dict:
-    """Backpropagate the objective for ids (B, T) through the chunked split when there is one, else full logits."""
+def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, teacher: TeacherTargets | None,
+                  shared_prefix: bool = True) -> dict:
+    """Backpropagate the objective for ids (B, T) through the chunked split when there is one, else full logits;
+    `shared_prefix`: the prompt runs once per batch and the rows share its keys/values (`ctp_eval.losses`)."""
     if split is None:
-        parts = full_loss(model, ids, prompt, objective, teacher)
+        parts = full_loss(model, ids, prompt, objective, teacher, shared_prefix=shared_prefix)
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
-    return chunked_loss_backward(split, ids, prompt, chunk, objective, teacher)
+    return chunked_loss_backward(split, ids, prompt, chunk, objective, teacher, shared_prefix=shared_prefix)
 
 
 # ---------------------------------------------------------------- prompt init
@@ -69,16 +71,19 @@ def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: t
 
 
 class PromptTuner:
-    """k trainable fp32 embeddings in front of a frozen model."""
+    """k trainable fp32 embeddings in front of a frozen model. `shared_prefix` (default): the prompt's positions
+    run once per batch and every row attends to them (`ctp_eval.prefix_attention`); False: the plain path, the
+    prompt prepended to every row (the reference; same loss and gradient)."""
 
     method = "prompt"
 
-    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024):
+    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool = True):
         self.model = model
         device = next(model.parameters()).device
         # fp32 master copy even for a bf16 model: updates of ~lr*1e-3 would vanish in bf16's 8-bit mantissa
         self.prompt = torch.nn.Parameter(embeds.detach().float().to(device).clone())
         self.loss_chunk = loss_chunk
+        self.shared_prefix = shared_prefix
         self.split = split_head(model) if loss_chunk > 0 else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -94,7 +99,8 @@ class PromptTuner:
 
     def loss_backward(self, ids: torch.Tensor, objective: Objective = Objective(),
                       teacher: TeacherTargets | None = None) -> dict:
-        return loss_backward(self.model, self.split, ids, self.prompt, self.loss_chunk, objective, teacher)
+        return loss_backward(self.model, self.split, ids, self.prompt, self.loss_chunk, objective, teacher,
+                             self.shared_prefix)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"prompt": self.prompt.detach().cpu().clone()}

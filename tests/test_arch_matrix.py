@@ -5,9 +5,11 @@ Per architecture:
       output) equal the model's own hidden states, so blocks of another attention type (sliding vs full,
       another rotary base) are calibrated on their own masks and rotary tables;
   (b) `hard_prompt=` gives the logits of prepending the same ids as input_ids (Gemma: scaled embeddings);
-  (c) a soft prompt through `ctp`, prefix-cache and prepend modes, equals a plain inputs_embeds reference for
-      loglikelihood, loglikelihood_rolling and batched generate_until; the prompt (k=12) is longer than the
-      8-token sliding window, so sliding layers keep only part of the prompt's cache;
+  (c) a soft prompt through `ctp`, in all three prompt modes (cache: prompt-aware attention; cache-plain: the
+      transformers cache; prepend), equals a plain inputs_embeds reference for loglikelihood,
+      loglikelihood_rolling and batched generate_until; the prompt (k=12) is longer than the 8-token sliding
+      window, so sliding layers keep only part of the prompt's cache and take the plain path of prompt-aware
+      attention (which layers do is checked, per architecture);
   (d) 3 ctp-train steps on a gptq:w4 model lower the loss, with the chunked loss (where the decoder/head split
       reproduces the logits; not under Gemma 2's final soft-capping) and the full-logits loss;
   (e) gptq:w4 beats round-to-nearest on every layer.
@@ -94,7 +96,13 @@ def test_a_noop_traversal_reproduces_hidden_states(arch):
 # ---------------------------------------------------------------- (b)
 
 
-@pytest.mark.parametrize("mode", ["cache", "prepend"])
+MODES = ("cache", "cache-plain", "prepend")
+# Layers that run prompt-aware attention's plain path (ctp_eval.prefix_attention) with these tiny models: sliding
+# windows (8) shorter than prompt + text, and Gemma 2's attention logit soft-capping on every layer.
+PLAIN_LAYERS = {"mistral": {0, 1, 2}, "qwen2": {1, 2}, "qwen3": {1, 2}, "gemma2": {0, 1, 2}, "gemma3": {0, 2}}
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_b_hard_prompt_equals_prepended_ids(arch_dir, mode):
     lm = ctp(arch_dir, hard_prompt=HARD, prompt_mode=mode)
     hard = lm.tokenizer(HARD, add_special_tokens=False).input_ids
@@ -135,19 +143,22 @@ def _ref_generate(lm, prompt, context: str) -> str:
 
 @pytest.fixture(scope="module")
 def prompted(arch_dir):
-    return {mode: ctp(arch_dir, prompt=str(arch_dir / "p.safetensors"), prompt_mode=mode) for mode in ("cache", "prepend")}
+    return {mode: ctp(arch_dir, prompt=str(arch_dir / "p.safetensors"), prompt_mode=mode) for mode in MODES}
 
 
-@pytest.mark.parametrize("mode", ["cache", "prepend"])
-def test_c_loglikelihood(prompted, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_c_loglikelihood(prompted, mode, arch):
     lm = prompted[mode]
     reqs = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate(zip(CONTEXTS, CONTINUATIONS))]
     got = [ll for ll, _ in lm.loglikelihood(reqs)]
     want = [_ref_score(lm, lm.prompt_embeds, lm.tok_encode(c), lm.tok_encode(x)) for c, x in zip(CONTEXTS, CONTINUATIONS)]
     assert got == pytest.approx(want, abs=1e-4)
+    if mode == "cache":  # prompt-aware attention ran, split where exact, plain path on exactly these layers
+        assert lm.prefix.read == {0, 1, 2}
+        assert set(lm.prefix.plain_layers) == PLAIN_LAYERS.get(arch, set()), lm.prefix.plain_layers
 
 
-@pytest.mark.parametrize("mode", ["cache", "prepend"])
+@pytest.mark.parametrize("mode", MODES)
 def test_c_loglikelihood_rolling(prompted, mode):
     lm = prompted[mode]
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (LONG_TEXT,), 0)])[0]
@@ -158,7 +169,7 @@ def test_c_loglikelihood_rolling(prompted, mode):
     assert got == pytest.approx(want, abs=5e-4)  # a sum over ~270 tokens (~1500 nats); seen <= 8e-5
 
 
-@pytest.mark.parametrize("mode", ["cache", "prepend"])
+@pytest.mark.parametrize("mode", MODES)
 def test_c_batched_generate_until(prompted, mode):
     lm = prompted[mode]  # batch 2: two batches, each left-padded
     got = lm.generate_until([Instance("generate_until", {}, (c, dict(GEN)), i) for i, c in enumerate(CONTEXTS)])
