@@ -57,6 +57,9 @@ class BenchConfig:
     ppl_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for the PPL tasks (shards of 10)"))
     mc_limit: float | None = field(default=200, metadata=_m("lm-eval --limit for MC tasks on non-dense rows"))
     dense_mc_limit: float | None = field(default=None, metadata=_m("lm-eval --limit for MC tasks on the dense row"))
+    mc_task_limits: str = field(default="", metadata=_m(
+        "per-task --limit overriding the two above, e.g. 'ctp_hellaswag=1000,ctp_piqa=none' (none: every document); "
+        "tasks with different limits run as separate lm-eval calls"))
     standard_ppl: bool = field(default=True, metadata=_m(
         "also compute lm-eval's standard word/byte perplexity on the PPL tasks (a second pass over the data: "
         "--no-standard-ppl halves their cost; the leaderboard shows token PPL only)"))
@@ -125,6 +128,12 @@ class BenchConfig:
             return [str(parse_spec(s.strip())) for s in text.split(",") if s.strip()]
 
         self.spec_list = spec_list(self.specs)
+        self.mc_limit_overrides = {}
+        for item in (x.strip() for x in self.mc_task_limits.split(",") if x.strip()):
+            task, _, value = item.partition("=")
+            if task not in self.mc_tasks.split(",") or not value:
+                raise ValueError(f"--mc-task-limits {item!r}: use TASK=LIMIT (or TASK=none) for a task of --mc-tasks")
+            self.mc_limit_overrides[task] = None if value.lower() == "none" else float(value)
         self.transfer_list = spec_list(self.transfer_from)
         if self.train_split not in TRAIN_SPLITS:
             raise ValueError(f"--train-split must be one of {TRAIN_SPLITS}, got {self.train_split!r}")
@@ -210,8 +219,7 @@ class Runner:
 
     def evaluate(self, name: str, model_args: str, dense: bool, mc: bool = True) -> None:
         cfg = self.cfg
-        groups = [("ppl", cfg.ppl_tasks, cfg.ppl_limit),
-                  ("mc", cfg.mc_tasks if mc else "", cfg.dense_mc_limit if dense else cfg.mc_limit)]
+        groups = [("ppl", cfg.ppl_tasks, cfg.ppl_limit)] + (self.mc_groups(dense) if mc else [])
         for part, tasks, limit in groups:
             if not tasks:
                 continue
@@ -228,6 +236,19 @@ class Runner:
             if part == "ppl" and not cfg.standard_ppl:
                 cmd += ["--metadata", json.dumps({"ppl_standard": False})]
             self.run(cmd, f"evaluate {name} ({part})")
+
+    def mc_groups(self, dense: bool) -> list[tuple[str, str, float | None]]:
+        """(results part, tasks, limit) per distinct MC limit; one group named "mc" unless --mc-task-limits splits them."""
+        cfg = self.cfg
+        default = cfg.dense_mc_limit if dense else cfg.mc_limit
+        limits = {t: default for t in cfg.mc_tasks.split(",") if t}
+        limits.update(cfg.mc_limit_overrides)
+        by_limit: dict = {}
+        for task, limit in limits.items():
+            by_limit.setdefault(limit, []).append(task)
+        if len(by_limit) == 1 and not cfg.mc_limit_overrides:
+            return [("mc", ",".join(limits), default)] if limits else []
+        return [(f"mc-{'all' if lim is None else f'limit{lim:g}'}", ",".join(tasks), lim) for lim, tasks in by_limit.items()]
 
     def published(self, spec: str) -> Path:
         return self.prompts / f"{slug(spec)}-{self.cfg.prompt_tag}.safetensors"

@@ -41,6 +41,29 @@ def test_dry_run_plans_data_and_transfer_runs(tmp_path, capsys):
         BenchConfig(train_split="test")
 
 
+def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
+    from ctp_eval.pipeline import main
+
+    main(["--out", str(tmp_path), "--specs", "gptq:w4", "--recipe", "kd", "--loss", "kd", "--lr", "0.03",
+          "--lr-schedule", "cosine", "--train-dtype", "bfloat16", "--mc-tasks", "ctp_openbookqa,ctp_hellaswag,ctp_piqa",
+          "--mc-limit", "100", "--mc-task-limits", "ctp_hellaswag=1000,ctp_piqa=none,ctp_openbookqa=none", "--dry-run"])
+    plan = capsys.readouterr().out.splitlines()
+    train = next(line for line in plan if "ctp-train" in line)
+    for flag in ("--loss kd", "--lr 0.03", "--lr-schedule cosine", "--dtype bfloat16", "--recipe-name kd",
+                 "--val-seqlen 1024", "gptq-w4-k100-kd"):
+        assert flag in train, flag
+    mc = [line for line in plan if "lm_eval" in line and "ctp_hellaswag" in line or "ctp_piqa" in line and "lm_eval" in line]
+    hella = [line for line in mc if "--tasks ctp_hellaswag " in line]
+    full = [line for line in mc if "--tasks ctp_openbookqa,ctp_piqa " in line]
+    assert hella and all("--limit 1000" in line for line in hella)
+    assert full and all("--limit" not in line for line in full)
+    assert all("dtype=float32" in line for line in plan if "lm_eval" in line)  # evaluation keeps --dtype
+    with pytest.raises(ValueError, match="mc-task-limits"):
+        BenchConfig(mc_task_limits="ctp_c4=3")
+    with pytest.raises(ValueError, match="--recipe NAME"):
+        BenchConfig(lr=0.01)
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_resumable(tmp_path):
     from conftest import DATA_DIR, build_model, build_tokenizer
