@@ -71,9 +71,11 @@ class CTPLM(HFLM):
             calib = {k: v for k, v in (("dataset", calib_data), ("nsamples", calib_nsamples), ("seqlen", calib_seqlen))
                      if v is not None}
             # data_dir (also read by the ctp_* tasks from the merged model args) is ours, never HFLM's.
-            # HFLM's own device / dtype (default "auto": the checkpoint's) say where and in what to compress.
+            # HFLM's own device / dtype (default "auto": the checkpoint's) say where and in what to compress;
+            # a device this machine lacks falls back as in HFLM (lm-eval's CLI sends cuda:0 even without a GPU).
             path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib), data_dir=data_dir,
-                                     device=kwargs["device"], dtype=kwargs.get("dtype", "auto"))
+                                     device=models.resolve_device(kwargs["device"], fallback=True),
+                                     dtype=kwargs.get("dtype", "auto"))
         else:  # a saved compressed checkpoint passed as pretrained= records its own spec
             from ctp_eval.compress import read_compression_info
 

@@ -121,16 +121,24 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(f"{name}.forward takes no inputs_embeds argument, through which the prompt is fed")
 
 
-def resolve_device(device=None):
+def resolve_device(device=None, fallback: bool = False):
     """`device` as a torch.device, checked: None / "auto" -> "cuda" when CUDA is available, else "cpu".
 
     A device this machine does not have (`cuda` without CUDA, `cuda:3` on a 2-GPU host, `mps` off a Mac) is
-    refused here, with its name, rather than deep inside a forward pass.
+    refused here, with its name, rather than deep inside a forward pass. `fallback=True` instead answers what
+    lm-eval's HFLM does with such a device: "auto", with a log line (lm-eval's CLI passes `cuda:0` by default,
+    also on machines without a GPU, and HFLM then runs on the CPU).
     """
     import torch
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if fallback:
+        try:
+            return resolve_device(device)
+        except ValueError as err:
+            logger.info("%s; using %s, as HFLM does", err, resolve_device("auto"))
+            return resolve_device("auto")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -174,14 +174,21 @@ def spy_ensure(monkeypatch):
     return calls
 
 
-def test_lm_eval_model_passes_hflm_device_and_dtype(spy_ensure, tiny_llama_dir):
+def test_lm_eval_model_passes_hflm_device_and_dtype(spy_ensure, tiny_llama_dir, monkeypatch):
     from ctp_eval.lm import CTPLM
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 2-GPU machine, as far as devices go
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(_Stop):
         CTPLM(pretrained=str(tiny_llama_dir), compression="gptq:w4", device="cuda:1", dtype="float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(_Stop):
         CTPLM(pretrained=str(tiny_llama_dir), compression="gptq:w4", device="cpu")
-    assert [(c["device"], c["dtype"]) for c in spy_ensure] == [("cuda:1", "float16"), ("cpu", "auto")]
+    # lm-eval's CLI sends device=cuda:0 by default, GPU or not; HFLM then runs on the CPU, and so must compression
+    with pytest.raises(_Stop):
+        CTPLM(pretrained=str(tiny_llama_dir), compression="gptq:w4", device="cuda:0")
+    assert [(str(c["device"]), c["dtype"]) for c in spy_ensure] == [
+        ("cuda:1", "float16"), ("cpu", "auto"), ("cpu", "auto")]
 
 
 def test_ctp_compress_passes_device_dtype_threads(spy_ensure, tiny_llama_dir):
@@ -271,3 +278,29 @@ def test_threads_apply_to_hessians_and_solves(monkeypatch):
     monkeypatch.delenv(apply.THREADS_ENV)
     apply.compress_model(build_model("llama", vocab_size=VOCAB), "gptq:w4", ids, progress=False)
     assert {n for _, n in seen} == {before}  # default: torch's own count, i.e. every core it uses
+
+
+def test_stock_lm_eval_cli_compresses_in_the_asked_dtype(tiny_llama_dir, tmp_path):
+    """The real `lm_eval` executable, no --device: its CLI passes cuda:0, which HFLM (and compression) must
+    treat as "not here, use the CPU" on a machine without CUDA."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    docs = [{"q": "The quick brown fox", "choices": [" jumps.", " of France."], "label": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc_offload.yaml").write_text(
+        f"task: tiny_mc_offload\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1\n")
+    env = {**os.environ, "CTP_CACHE_DIR": str(tmp_path / "cache"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "ctp", "--model_args",
+           f"pretrained={tiny_llama_dir},compression=rtn:w4g16,dtype=bfloat16", "--tasks", "tiny_mc_offload",
+           "--include_path", str(tmp_path), "--batch_size", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = (tmp_path / "cache" / "compressed").iterdir()
+    info = cio.read_compression_info(entry)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert info["dtype"] == "bfloat16" and info["compress_device"].startswith(expected)
