@@ -195,13 +195,16 @@ class CalibBatch:
     calls: list  # per block i: (args, kwargs) the model passes block i besides the hidden states
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int) -> list:
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int, to=None
+) -> list:
     """One model forward per calibration batch -> [CalibBatch]: block 0's hidden states and every block's other inputs.
 
     Each block's `forward` is swapped for a recorder that stores its arguments and returns the hidden states
     unchanged, so no block computes (hidden states past block 0 are never used) and the last one stops the
     forward. Masks and rotary tables are built by the model and shared between blocks of one attention type,
-    so holding them per block costs no memory beyond what the model itself allocates.
+    so holding them per block costs no memory beyond what the model itself allocates. `to`: a device each
+    batch moves to as soon as it is captured (shared tensors stay shared), so the host never holds them all.
     """
     captured: list[CalibBatch] = []
     last = len(blocks) - 1
@@ -235,6 +238,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: tor
                 try:
                     model(input_ids=calib_ids[s : s + batch_size].to(device), use_cache=False)
                 except _Captured:
+                    if to is not None:
+                        memo: dict = {}
+                        b = captured[-1]
+                        b.hidden, b.calls = _to(b.hidden, to, memo), _to(b.calls, to, memo)
                     continue
                 raise RuntimeError(f"{type(model).__name__}'s forward never reached its last decoder block")
     finally:
@@ -259,17 +266,13 @@ def calibrated_blocks(
     left it, is run on its inputs to make the next block's inputs (the last block's output is not needed),
     then moved back. A caller that changes nothing sees exactly the model's own `output_hidden_states`.
 
-    The inputs are captured where the model lives, then moved to the work device once (shared masks and
-    rotary tables stay shared) unless `activations_on_host`. Each batch's input is dropped as soon as its
-    output exists, so the activations are held once, not twice.
+    The inputs are captured where the model lives and each batch moves to the work device right away (shared
+    masks and rotary tables stay shared) unless `activations_on_host`. Each batch's input is dropped as soon
+    as its output exists, so the activations are held once, not twice.
     """
-    batches = capture_block_inputs(model, blocks, calib_ids, batch_size) if calib_ids is not None else None
     target = torch.device(device) if device is not None else None
-    if batches is not None and target is not None and not activations_on_host:
-        memo: dict = {}
-        for b in batches:
-            b.hidden, b.calls = _to(b.hidden, target, memo), _to(b.calls, target, memo)
-        del memo
+    to = target if not activations_on_host else None
+    batches = capture_block_inputs(model, blocks, calib_ids, batch_size, to) if calib_ids is not None else None
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         work = target or home
