@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ctp_eval.trainconfig import (  # noqa: F401  (re-exported: the public names of ctp-train)
@@ -127,14 +127,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; see the module docstring for the outputs."""
     import torch
 
-    from ctp_eval import data, ppl, trainutil
+    from ctp_eval import data, ppl, trainsetup, trainutil
     from ctp_eval.losses import Objective
 
     dist = trainutil.distributed(cfg.device)
     out = Path(cfg.out)
-    identity = _model_identity(cfg)
+    identity = trainsetup.model_identity(cfg)
     ckpt = _prepare_out(cfg, out, dist, identity)
-    model, tokenizer, compression = _load_model(cfg, dist.device)
+    model, tokenizer, compression = trainsetup.load_model(cfg, dist.device)
     limit = getattr(model.config, "max_position_embeddings", None)
     need = max(cfg.seqlen, cfg.val_seqlen) + (cfg.k if cfg.method == "prompt" else 0)
     if limit is not None and need > limit:
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)  # per rank from here on: dropout masks differ across ranks
     optimizer, scheduler = make_optimizer(tuner, cfg)
     objective = Objective(cfg.loss, cfg.kd_weight)
-    teacher = _load_teacher(cfg, identity, tokenizer, dist, wins) if objective.uses_teacher else None
+    teacher = trainsetup.load_teacher(cfg, identity, tokenizer, dist, wins) if objective.uses_teacher else None
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" and dist.device.type == "cuda" else None)
     meta = dict(base_model=identity["base_model"], compression=compression, calibration=identity["calibration"],
@@ -308,109 +308,6 @@ def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
     return math.exp(total.item() / (len(wins) * (cfg.val_seqlen - 1)))
 
 
-def _compressed_info(path) -> dict | None:
-    from ctp_eval.compress import read_compression_info
-
-    return read_compression_info(path) if path and os.path.isdir(str(path)) else None
-
-
-def _model_identity(cfg: TrainConfig) -> dict:
-    """What the prompt is trained on, independent of where it lives on disk: base model, spec, calibration.
-    `--resume` compares this (not the path), so a run resumes on a machine whose cache path differs."""
-    from ctp_eval import models
-
-    info = _compressed_info(cfg.model)
-    if info is not None:  # --model is a compressed checkpoint folder; its build tells two builds of a spec apart
-        from ctp_eval.compress.io import build_id
-
-        return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
-                    calibration=info.get("calibration"), build=build_id(cfg.model))
-    calibration = None
-    if cfg.compression != "none":
-        from ctp_eval.compress import parse_spec
-        from ctp_eval.compress.io import CalibConfig, calibration_details
-
-        if parse_spec(cfg.compression).needs_calibration:
-            calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
-            calibration = calibration_details(calib, cfg.data_dir)
-    return dict(base_model=models.model_id(cfg.model), compression=cfg.compression, calibration=calibration)
-
-
-def _load_model(cfg: TrainConfig, device):
-    """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked)."""
-    import torch
-
-    from ctp_eval import models
-
-    path = models.resolve_pretrained(cfg.model)
-    compression = cfg.compression
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    if compression != "none":
-        from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
-
-        calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
-        # Compressed where and in what the training runs: the same cache entry as compression=SPEC,dtype=...
-        args = dict(calib=calib, data_dir=cfg.data_dir, device=device, dtype=dtype)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            path = str(ensure_compressed(path, compression, **args))
-        else:  # one compression per host: the other ranks wait for its cache entry (polling: no collective timeout)
-            logger.info("rank %s waits for local rank 0 to compress %s", os.environ.get("RANK"), compression)
-            while (found := ensure_compressed(path, compression, lookup_only=True, **args)) is None:
-                time.sleep(10)
-            path = found
-    else:
-        info = _compressed_info(path)  # --model may itself be a compressed checkpoint folder
-        compression = info.get("spec", "unknown") if info else "none"
-    model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
-    return model, tokenizer, compression
-
-
-def teacher_path(cfg: TrainConfig) -> str:
-    """--teacher, else the uncompressed base model of what is being trained on."""
-    from ctp_eval import models
-
-    if cfg.teacher:
-        return cfg.teacher
-    info = _compressed_info(cfg.model)
-    if info is None:
-        if cfg.compression == "none":
-            logger.warning("--loss %s on an uncompressed model: the teacher is the model itself", cfg.loss)
-        return models.resolve_pretrained(cfg.model)
-    for candidate in (info.get("base_model_path"), info.get("base_model")):
-        if candidate == models.EMBEDDED_ID:
-            return models.resolve_pretrained(None)
-        if candidate and (os.path.isdir(candidate) or not os.path.isabs(candidate)):
-            return candidate  # a local folder, or a hub id
-    raise TrainError(f"cannot find the uncompressed base model of {cfg.model} (recorded as "
-                     f"{info.get('base_model_path') or info.get('base_model')!r}); pass it with --teacher")
-
-
-def _load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
-    import torch
-
-    from ctp_eval import models
-    from ctp_eval.prompt import tokenizer_fingerprint
-    from ctp_eval.teacher import Teacher
-
-    path = teacher_path(cfg)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tok = models.load_model_and_tokenizer(path, dtype=dtype, device=str(dist.device))
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if tokenizer_fingerprint(tok) != fingerprint:
-        raise TrainError(f"teacher {path} has another tokenizer than the model being trained; distillation needs the same")
-    teacher_id = dict(teacher=models.model_id(path) if cfg.teacher else identity["base_model"], dtype=cfg.dtype,
-                      tokenizer=fingerprint)
-    teacher = Teacher(model, cfg.loss_chunk, cfg.teacher_topk, cfg.teacher_cache, teacher_id)
-    try:
-        teacher.check_cache(wins, dist.rank)
-    except ValueError as err:
-        raise TrainError(str(err)) from None
-    dist.barrier()  # rank 0 may have just created cache.json
-    logger.info("distilling from %s (%s)", path, "full vocabulary" if not cfg.teacher_cache else
-                f"top-{cfg.teacher_topk}, cached in {cfg.teacher_cache}")
-    return teacher
-
-
 def _check_layout(saved: dict, now: dict) -> None:
     """--resume continues the same data order only with the same world size, global batch and token stream."""
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
@@ -422,7 +319,7 @@ def _check_layout(saved: dict, now: dict) -> None:
 def _prepare_out(cfg: TrainConfig, out: Path, dist, identity: dict) -> dict | None:
     """Check/clean the output folder; return the checkpoint to resume from, if any. Every rank reads config.json
     before rank 0 rewrites it (atomically), and a barrier keeps the ranks in step. `identity`: what the model is
-    (`_model_identity`); a resume must be on the same one, wherever its folder now lives."""
+    (`trainsetup.model_identity`); a resume must be on the same one, wherever its folder now lives."""
     from ctp_eval.trainutil import load_checkpoint
 
     ckpt_dir = out / "checkpoint"

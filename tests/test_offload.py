@@ -14,7 +14,7 @@ import torch
 from conftest import build_model
 from safetensors.torch import load_file
 
-from ctp_eval import models
+from ctp_eval import models, trainsetup
 from ctp_eval.compress import apply
 from ctp_eval.compress import io as cio
 from ctp_eval.compress.io import CalibConfig, ensure_compressed
@@ -152,7 +152,7 @@ def test_bf16_checkpoint_is_solved_in_fp32_and_saved_in_bf16(bf16_llama_dir, cal
     lm = CTPLM(pretrained=out, device="cpu")
     assert lm.model.dtype == torch.bfloat16 and lm.get_model_info()["ctp_compression"] == "gptq:w4g16"
     cfg = T.TrainConfig(out=str(tmp_path / "run"), model=out, dtype="bfloat16", progress=False)
-    model, _, spec = T._load_model(cfg, torch.device("cpu"))
+    model, _, spec = trainsetup.load_model(cfg, torch.device("cpu"))
     assert model.dtype == torch.bfloat16 and spec == "gptq:w4g16"
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, w)
 
@@ -210,7 +210,7 @@ def test_ctp_train_compresses_on_its_device_in_its_dtype(spy_ensure, tiny_llama_
     cfg = T.TrainConfig(out=str(tmp_path / "run"), model=str(tiny_llama_dir), compression="gptq:w4",
                         dtype="bfloat16", progress=False)
     with pytest.raises(_Stop):
-        T._load_model(cfg, torch.device("meta"))
+        trainsetup.load_model(cfg, torch.device("meta"))
     assert spy_ensure[0]["device"] == torch.device("meta") and spy_ensure[0]["dtype"] == torch.bfloat16
 
 
@@ -224,10 +224,10 @@ def test_ctp_train_other_ranks_wait_for_local_rank_0(tiny_llama_dir, tmp_path, m
         return next(answers)
 
     monkeypatch.setattr(cio, "ensure_compressed", lookup)
-    monkeypatch.setattr(T.time, "sleep", lambda s: None)
+    monkeypatch.setattr(trainsetup.time, "sleep", lambda s: None)
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = T.TrainConfig(out=str(tmp_path / "run"), model=str(tiny_llama_dir), compression="gptq:w4", progress=False)
-    model, _, spec = T._load_model(cfg, torch.device("cpu"))
+    model, _, spec = trainsetup.load_model(cfg, torch.device("cpu"))
     assert spec == "gptq:w4" and len(calls) == 3 and all(c.get("lookup_only") for c in calls)
 
 

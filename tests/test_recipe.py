@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ctp_eval import train as T
-from ctp_eval import trainutil, tuners
+from ctp_eval import trainsetup, trainutil, tuners
 from ctp_eval.prompt import SoftPrompt
 
 WORDS = "alpha beta gamma delta soft prompt model recovers compressed weights one two three four".split()
@@ -96,10 +96,10 @@ def test_kd_training_lowers_the_kl_and_records_the_recipe(tiny_llama_dir, other_
 def test_default_teacher_is_the_uncompressed_base(tiny_llama_dir, corpus, tmp_path):
     calib = {"dataset": "c4", "nsamples": 4, "seqlen": 32, "seed": 0}
     folder = _fake_compressed(tiny_llama_dir, tmp_path / "m", calib, base_path=str(tiny_llama_dir))
-    assert T.teacher_path(cfg(tmp_path, folder, corpus, loss="kd")) == str(tiny_llama_dir)
+    assert trainsetup.teacher_path(cfg(tmp_path, folder, corpus, loss="kd")) == str(tiny_llama_dir)
     gone = _fake_compressed(tiny_llama_dir, tmp_path / "g", calib, base_path="/nonexistent/base")
     with pytest.raises(T.TrainError, match="--teacher"):
-        T.teacher_path(cfg(tmp_path, gone, corpus, loss="kd"))
+        trainsetup.teacher_path(cfg(tmp_path, gone, corpus, loss="kd"))
 
 
 def test_teacher_cache_matches_full_teacher_and_is_reused(tiny_llama_dir, tiny_tokenizer, corpus, tmp_path):

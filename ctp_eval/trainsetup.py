@@ -1,0 +1,118 @@
+"""What a `ctp-train` run trains on: the (compressed) model, its identity, and the distillation teacher.
+
+Identity (`model_identity`): base model + compression spec + calibration + build, independent of where the
+compressed folder lives, so `--resume` works on a machine whose cache path differs and refuses another build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ctp_eval.trainconfig import TrainConfig, TrainError
+
+logger = logging.getLogger(__name__)
+
+
+def compressed_info(path) -> dict | None:
+    from ctp_eval.compress import read_compression_info
+
+    return read_compression_info(path) if path and os.path.isdir(str(path)) else None
+
+
+def model_identity(cfg: TrainConfig) -> dict:
+    """What the prompt is trained on, independent of where it lives on disk: base model, spec, calibration.
+    `--resume` compares this (not the path), so a run resumes on a machine whose cache path differs."""
+    from ctp_eval import models
+
+    info = compressed_info(cfg.model)
+    if info is not None:  # --model is a compressed checkpoint folder; its build tells two builds of a spec apart
+        from ctp_eval.compress.io import build_id
+
+        return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
+                    calibration=info.get("calibration"), build=build_id(cfg.model))
+    calibration = None
+    if cfg.compression != "none":
+        from ctp_eval.compress import parse_spec
+        from ctp_eval.compress.io import CalibConfig, calibration_details
+
+        if parse_spec(cfg.compression).needs_calibration:
+            calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
+            calibration = calibration_details(calib, cfg.data_dir)
+    return dict(base_model=models.model_id(cfg.model), compression=cfg.compression, calibration=calibration)
+
+
+def load_model(cfg: TrainConfig, device):
+    """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked)."""
+    import torch
+
+    from ctp_eval import models
+
+    path = models.resolve_pretrained(cfg.model)
+    compression = cfg.compression
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if compression != "none":
+        from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
+
+        calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
+        # Compressed where and in what the training runs: the same cache entry as compression=SPEC,dtype=...
+        args = dict(calib=calib, data_dir=cfg.data_dir, device=device, dtype=dtype)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            path = str(ensure_compressed(path, compression, **args))
+        else:  # one compression per host: the other ranks wait for its cache entry (polling: no collective timeout)
+            logger.info("rank %s waits for local rank 0 to compress %s", os.environ.get("RANK"), compression)
+            while (found := ensure_compressed(path, compression, lookup_only=True, **args)) is None:
+                time.sleep(10)
+            path = found
+    else:
+        info = compressed_info(path)  # --model may itself be a compressed checkpoint folder
+        compression = info.get("spec", "unknown") if info else "none"
+    model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
+    return model, tokenizer, compression
+
+
+def teacher_path(cfg: TrainConfig) -> str:
+    """--teacher, else the uncompressed base model of what is being trained on."""
+    from ctp_eval import models
+
+    if cfg.teacher:
+        return cfg.teacher
+    info = compressed_info(cfg.model)
+    if info is None:
+        if cfg.compression == "none":
+            logger.warning("--loss %s on an uncompressed model: the teacher is the model itself", cfg.loss)
+        return models.resolve_pretrained(cfg.model)
+    for candidate in (info.get("base_model_path"), info.get("base_model")):
+        if candidate == models.EMBEDDED_ID:
+            return models.resolve_pretrained(None)
+        if candidate and (os.path.isdir(candidate) or not os.path.isabs(candidate)):
+            return candidate  # a local folder, or a hub id
+    raise TrainError(f"cannot find the uncompressed base model of {cfg.model} (recorded as "
+                     f"{info.get('base_model_path') or info.get('base_model')!r}); pass it with --teacher")
+
+
+def load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
+    import torch
+
+    from ctp_eval import models
+    from ctp_eval.prompt import tokenizer_fingerprint
+    from ctp_eval.teacher import Teacher
+
+    path = teacher_path(cfg)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model, tok = models.load_model_and_tokenizer(path, dtype=dtype, device=str(dist.device))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if tokenizer_fingerprint(tok) != fingerprint:
+        raise TrainError(f"teacher {path} has another tokenizer than the model being trained; distillation needs the same")
+    teacher_id = dict(teacher=models.model_id(path) if cfg.teacher else identity["base_model"], dtype=cfg.dtype,
+                      tokenizer=fingerprint)
+    teacher = Teacher(model, cfg.loss_chunk, cfg.teacher_topk, cfg.teacher_cache, teacher_id)
+    try:
+        teacher.check_cache(wins, dist.rank)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    dist.barrier()  # rank 0 may have just created cache.json
+    logger.info("distilling from %s (%s)", path, "full vocabulary" if not cfg.teacher_cache else
+                f"top-{cfg.teacher_topk}, cached in {cfg.teacher_cache}")
+    return teacher
