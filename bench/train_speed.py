@@ -1,17 +1,23 @@
-"""Speed and memory of ctp-train's step vs an equivalent PEFT PromptTuning loop (same model, k, batch, seqlen, dtype).
+"""Speed and memory of ctp-train's step vs a plain PEFT PromptTuning loop (same model, k, batch, seqlen, dtype).
 
-    python bench/train_speed.py --batch-size 2 --seqlen 256 --steps 5           # SmolLM2-135M, CPU
-    python bench/train_speed.py --model HF_ID --dtype bfloat16 --device cuda     # GPU
+    python bench/train_speed.py --repeats 3                                   # SmolLM2-135M, 4 x 256, k=100, fp32+bf16
+    python bench/train_speed.py --dtypes float32 --variants ctp,peft --repeats 5
+    python bench/train_speed.py --model HF_ID --dtypes bfloat16 --device cuda # GPU
 
-Each variant runs in its own subprocess so that neither sees the other's allocations:
-  ctp       `ctp_eval.train.train_step` as ctp-train runs it (chunked LM-head loss, text positions only)
-  ctp-full  the same step with --loss-chunk 0 (full (B, T, V) logits through forward_with_prompt)
-  peft      get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
-With --interleave, speed is also measured with all variants in one process, their steps alternated, which is
-the fair comparison on a shared machine whose load drifts (memory still comes from the separate processes).
-Timed: `--steps` optimizer steps after `--warmup` untimed ones. Memory: on CUDA, max_memory_allocated during
-the steps; on CPU, the peak resident set sampled every 2 ms from the loaded model until the last step,
-minus the RSS right after loading (the model itself is the same for all three).
+Variants, each run in its own subprocess (neither sees the other's allocations), the runs alternated
+(ctp, ctp-prepend, ..., peft, ctp, ...) --repeats times per dtype, so slow drift of a shared machine hits all alike:
+  ctp          `ctp_eval.train.train_step` as ctp-train runs it: the prompt's k positions once per step, shared by
+               the rows (prompt-aware attention), chunked LM-head loss over the text positions only
+  ctp-prepend  the same step with the prompt prepended to every row (shared_prefix=False; ctp-train before issue 15)
+  ctp-full     the shared-prefix step with --loss-chunk 0 (full (B, T, V) logits)
+  peft         get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
+tokens/s counts the B x T text tokens of a step (the same for all). Timed: --steps optimizer steps after --warmup
+untimed ones. Memory: on CUDA, max_memory_allocated during the steps; on CPU, the peak resident set sampled every
+2 ms from the loaded model until the last step, minus the RSS right after loading (the model is the same for all).
+Medians over the repeats are reported, with every run, the load average before and after, and ratio lines.
+--interleave adds a one-process measurement with the variants' steps alternated (speed only).
+
+Targets (issue 15): ctp / peft >= 1.5x tokens/s at the same dtype and settings, with peak memory <= 0.7x.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import threading
 import time
 
-VARIANTS = ("ctp", "ctp-full", "peft")
+VARIANTS = ("ctp", "ctp-prepend", "ctp-full", "peft")
 
 
 def _rss() -> int:
@@ -93,6 +101,7 @@ def _make_step(variant, args, model, tok, ids, autocast):
         cfg = TrainConfig(out="-", k=args.k, seqlen=args.seqlen, batch_size=args.batch_size, steps=1000,
                           dtype=args.dtype, loss_chunk=0 if variant == "ctp-full" else args.loss_chunk)
         tuner = build_tuner(model, tok, cfg)
+        tuner.shared_prefix = variant != "ctp-prepend"
         opt, sched = make_optimizer(tuner, cfg)
         params = tuner.parameters()
 
@@ -101,15 +110,11 @@ def _make_step(variant, args, model, tok, ids, autocast):
     return step, params
 
 
-def interleaved(args) -> dict:
-    """Speed only, all variants in one process, steps alternated (ABCABC...): on a shared machine whose load
-    changes by the minute, this compares like with like far better than runs one after the other."""
-    import statistics
-
+def interleaved(args, variants) -> dict:
+    """Speed only, all variants in one process, steps alternated (ABCABC...)."""
     import torch
 
     model, tok, ids, autocast = _setup(args)
-    variants = args.variants.split(",")
     steps = {v: _make_step(v, args, model, tok, ids, autocast)[0] for v in variants}
     model.train()
     times = {v: [] for v in variants}
@@ -127,6 +132,8 @@ def interleaved(args) -> dict:
 def worker(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok, ids, autocast = _setup(args)
     cuda = args.device.startswith("cuda")
     step, params = _make_step(args.variant, args, model, tok, ids, autocast)
@@ -148,54 +155,97 @@ def worker(args) -> dict:
         seconds = time.perf_counter() - t0
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - loaded
-    return {"variant": args.variant, "tok_s": args.batch_size * args.seqlen * args.steps / seconds,
+    return {"variant": args.variant, "dtype": args.dtype, "tok_s": args.batch_size * args.seqlen * args.steps / seconds,
             "s_per_step": seconds / args.steps, "peak_mib": peak / 2**20,
             "memory": "cuda max_memory_allocated" if cuda else "peak RSS above loaded model"}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--repeats", type=int, default=3, help="alternated subprocess runs per variant and dtype")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's choice)")
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--interleave", action="store_true",
-                   help="also time all variants in one process, steps alternated (median tok/s; robust to load)")
+                   help="also time all variants in one process, steps alternated (median tok/s)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set in the worker subprocesses
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # set in the worker subprocesses
     args = p.parse_args(argv)
     if args.variant:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    variants = args.variants.split(",")
+    dtypes = args.dtypes.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(dtypes) - {"float32", "bfloat16"})
+    if unknown:
+        p.error(f"unknown variants/dtypes {unknown}")
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = {}
-    for variant in args.variants.split(","):
-        proc = subprocess.run([sys.executable, __file__, *base, "--variant", variant],
-                              capture_output=True, text=True)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1][len("RESULT "):])
-    print(f"model={args.model or 'SmolLM2-135M (embedded)'} k={args.k} batch={args.batch_size} "
-          f"seqlen={args.seqlen} dtype={args.dtype} device={args.device} steps={args.steps} (+{args.warmup} warmup) "
-          f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{'variant':10s} {'tok/s':>9s} {'s/step':>8s} {'peak MiB':>9s}  memory")
-    for r in results.values():
-        print(f"{r['variant']:10s} {r['tok_s']:9.1f} {r['s_per_step']:8.2f} {r['peak_mib']:9.0f}  {r['memory']}")
-    if "ctp" in results and "peft" in results:
-        c, q = results["ctp"], results["peft"]
-        print(f"ctp/peft: speed x{c['tok_s'] / q['tok_s']:.2f}, memory x{c['peak_mib'] / q['peak_mib']:.2f}")
-    if args.interleave:
-        speed = interleaved(args)
-        print("interleaved (one process, alternating steps, median): " +
-              ", ".join(f"{v} {t:.1f} tok/s" for v, t in speed.items()))
-        if "ctp" in speed and "peft" in speed:
-            print(f"interleaved ctp/peft speed x{speed['ctp'] / speed['peft']:.2f}")
+    print(f"model={args.model or 'SmolLM2-135M (embedded)'} k={args.k} batch={args.batch_size} seqlen={args.seqlen} "
+          f"device={args.device} steps={args.steps} (+{args.warmup} warmup) repeats={args.repeats} "
+          f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"machine: {_machine()}")
+    print("command: python bench/train_speed.py " + " ".join(base))
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for dtype in dtypes:
+        load_before = _load()
+        for _ in range(args.repeats):
+            for variant in variants:
+                proc = subprocess.run([sys.executable, __file__, *base, "--variant", variant, "--dtype", dtype],
+                                      capture_output=True, text=True)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"{variant} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+                runs.setdefault((dtype, variant), []).append(json.loads(lines[-1][len("RESULT "):]))
+        print(f"\n== {dtype}; load average before / after: {load_before} / {_load()}")
+        print(f"{'variant':12s} {'tok/s':>8s} {'s/step':>7s} {'peak MiB':>9s}  runs tok/s | peak MiB")
+        med = {}
+        for variant in variants:
+            rs = runs[(dtype, variant)]
+            med[variant] = {key: statistics.median(r[key] for r in rs) for key in ("tok_s", "s_per_step", "peak_mib")}
+            m = med[variant]
+            print(f"{variant:12s} {m['tok_s']:8.1f} {m['s_per_step']:7.2f} {m['peak_mib']:9.0f}  "
+                  + " ".join(f"{r['tok_s']:.1f}" for r in rs) + " | " + " ".join(f"{r['peak_mib']:.0f}" for r in rs))
+        print(f"memory: {rs[0]['memory']}")
+        for variant in [v for v in variants if v != "peft"]:
+            if "peft" in med:
+                c, q = med[variant], med["peft"]
+                target = "  (target: speed >= 1.5, memory <= 0.7)" if variant == "ctp" else ""
+                print(f"ratio [{dtype}] {variant} / peft: speed x{c['tok_s'] / q['tok_s']:.2f}, "
+                      f"peak memory x{c['peak_mib'] / q['peak_mib']:.2f}{target}")
+        if "ctp" in med and "ctp-prepend" in med:
+            print(f"ratio [{dtype}] ctp / ctp-prepend: speed x{med['ctp']['tok_s'] / med['ctp-prepend']['tok_s']:.2f}, "
+                  f"peak memory x{med['ctp']['peak_mib'] / med['ctp-prepend']['peak_mib']:.2f}")
+        if args.interleave:
+            args.dtype = dtype
+            speed = interleaved(args, variants)
+            print(f"interleaved [{dtype}] (one process, alternating steps, median): "
+                  + ", ".join(f"{v} {t:.1f} tok/s" for v, t in speed.items()))
+            if "ctp" in speed and "peft" in speed:
+                print(f"ratio [{dtype}] interleaved ctp / peft: speed x{speed['ctp'] / speed['peft']:.2f}")
 
 
 if __name__ == "__main__":

@@ -312,10 +312,14 @@ class _LSEMerge(torch.autograd.Function):
         _, bwd = _private_flash()
         b, h, t, _d = q.shape
         do, o = grad_out.transpose(1, 2), out.transpose(1, 2)  # (B, H, T, D)
-        dq, dkt, dvt = bwd(do, q, kt, vt, o, lse, 0.0, True, scale=ctx.scale)
-        lse1 = lse.transpose(0, 1).reshape(1, h, b * t)
-        dq1, dkp, dvp = bwd(_fold(do), _fold(q), kp, vp, _fold(o), lse1, 0.0, False, scale=ctx.scale)
-        return dq + _unfold(dq1, b), dkt, dvt, dkp, dvp, None
+        dq = dkt = dvt = dkp = dvp = None
+        if any(ctx.needs_input_grad[:3]):  # not at the first layer, whose text states do not depend on the prompt
+            dq, dkt, dvt = bwd(do, q, kt, vt, o, lse, 0.0, True, scale=ctx.scale)
+        if any(ctx.needs_input_grad[3:5]) or ctx.needs_input_grad[0]:
+            lse1 = lse.transpose(0, 1).reshape(1, h, b * t)
+            dq1, dkp, dvp = bwd(_fold(do), _fold(q), kp, vp, _fold(o), lse1, 0.0, False, scale=ctx.scale)
+            dq = _unfold(dq1, b) if dq is None else dq + _unfold(dq1, b)
+        return dq, dkt, dvt, dkp, dvp, None
 
 
 def _concat_causal(q, kt, vt, kp, vp, scale) -> torch.Tensor:

@@ -87,6 +87,19 @@ def test_kernels_equal_masked_attention_with_gradients(kernel, heads, layout):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)  # seen <= 7e-7
 
 
+def test_lse_kernel_gradient_to_the_prompt_only():
+    """The first layer: text states do not depend on the prompt, only the prompt's keys/values need a gradient."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 4, 8, generator=gen).transpose(1, 2)
+    kt, vt = (torch.randn(2, 2, 9, 8, generator=gen) for _ in range(2))
+    kp, vp = (torch.randn(1, 2, 4, 8, generator=gen).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(2, 9, 4, 8, generator=gen)
+    want = torch.autograd.grad(_reference(q, kt, vt, kp, vp, 0.3), (kp, vp), grad_out)
+    got = torch.autograd.grad(pa._LSEMerge.apply(q, kt, vt, kp, vp, 0.3), (kp, vp), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_lse_kernel_bf16_close_to_fp32():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 16, 4, 8, generator=gen).transpose(1, 2)
