@@ -98,8 +98,10 @@ def _make_step(variant, args, model, tok, ids, autocast):
     else:
         from ctp_eval.train import TrainConfig, build_tuner, make_optimizer, train_step
 
+        chunk = {"loss_chunk": 0} if variant == "ctp-full" else {} if args.loss_chunk is None else \
+            {"loss_chunk": args.loss_chunk}  # default: ctp-train's own
         cfg = TrainConfig(out="-", k=args.k, seqlen=args.seqlen, batch_size=args.batch_size, steps=1000,
-                          dtype=args.dtype, loss_chunk=0 if variant == "ctp-full" else args.loss_chunk)
+                          dtype=args.dtype, **chunk)
         tuner = build_tuner(model, tok, cfg)
         tuner.shared_prefix = variant != "ctp-prepend"
         opt, sched = make_optimizer(tuner, cfg)
@@ -188,7 +190,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's choice)")
-    p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--loss-chunk", type=int, default=None, help="LM-head chunk of the ctp variants "
+                   "(default: ctp-train's --loss-chunk default)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--interleave", action="store_true",
                    help="also time all variants in one process, steps alternated (median tok/s)")
@@ -206,6 +209,7 @@ def main(argv=None) -> None:
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     print(f"model={args.model or 'SmolLM2-135M (embedded)'} k={args.k} batch={args.batch_size} seqlen={args.seqlen} "
           f"device={args.device} steps={args.steps} (+{args.warmup} warmup) repeats={args.repeats} "
+          f"loss_chunk={args.loss_chunk or 'ctp-train default'} "
           f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"machine: {_machine()}")
     print("command: python bench/train_speed.py " + " ".join(base))

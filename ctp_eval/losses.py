@@ -24,7 +24,9 @@ Shared prompt (`shared_prefix=True`, what `ctp-train` runs): the k prompt positi
 batch, so the decoder runs them once per step (batch 1, with gradient) and every text row attends to their
 keys/values through `ctp_eval.prefix_attention` (broadcast, never copied B times). Same loss and gradient as
 prepending the prompt to each row; at batch 4 x 256 with k=100 the decoder sees 100 + 1024 positions instead of
-4 x 356 (-21%), and the prompt positions never reach the LM head or the loss either way.
+4 x 356 (-21%), and the prompt positions never reach the LM head or the loss either way. (A model with dropout
+active in train mode, e.g. OPT's 0.1, then draws one dropout mask for the prompt positions, shared by the rows,
+instead of one per row: the same expected gradient.)
 """
 
 from __future__ import annotations

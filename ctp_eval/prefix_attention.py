@@ -157,9 +157,14 @@ def _register(base: str) -> str:
 
 
 def _base_function(module, base: str):
+    return _base_function_of(type(module).__module__, base)
+
+
+@functools.cache
+def _base_function_of(modeling: str, base: str):
     """The model's own attention: transformers' sdpa, or the eager function of the module's modeling file."""
     if base == "eager":
-        fn = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
+        fn = getattr(importlib.import_module(modeling), "eager_attention_forward", None)
         if fn is not None:
             return fn
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -276,3 +276,23 @@ def test_bf16_weights_fp32_prompt():
     opt, sched = make_optimizer(tuner, cfg)
     losses_seen = [train_step(tuner, opt, sched, ids, cfg.max_grad_norm)[0] for _ in range(4)]
     assert losses_seen[-1] < losses_seen[0], losses_seen
+
+
+# ---------------------------------------------------------------- evaluation through ctp
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ctp_cache_mode_equals_prepend_in_model_dtype(tiny_llama_dir, tiny_tokenizer, tmp_path, dtype):
+    """`ctp` scores through prompt-aware attention in the model's dtype (bf16: the prompt's states are bf16 too)."""
+    from ctp_eval.lm import CTPLM
+    from ctp_eval.prompt import SoftPrompt
+
+    model = build_arch("llama")  # any model: only its scale matters for the prompt
+    SoftPrompt.for_model(_prompt(model), model, tiny_tokenizer).save(tmp_path / "p.safetensors")
+    lms = {mode: CTPLM(pretrained=str(tiny_llama_dir), prompt=str(tmp_path / "p.safetensors"), prompt_mode=mode,
+                       device="cpu", dtype=dtype, batch_size=2) for mode in ("cache", "prepend")}
+    assert lms["cache"].prefix.keys[0].dtype == getattr(torch, dtype)
+    ids = _ids(b=2, t=16)
+    got, want = (lms[mode]._model_call(ids).float() for mode in ("cache", "prepend"))
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: the two paths round differently (seen 4e-3, logits ~0.6)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
