@@ -94,12 +94,18 @@ def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress
 
 def model_logits_fn(model, prompt: torch.Tensor | None = None):
     """logits_fn for a HF causal LM, with an optional (k, d) soft prompt prepended to every window."""
-    from ctp_eval.prompt import forward_with_prompt
-
     device = next(model.parameters()).device
+    prefix = None  # the prompt's per-layer keys/values, computed once (prompt-aware attention)
 
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        return forward_with_prompt(model, ids.to(device), prompt)
+        nonlocal prefix
+        if prompt is None:
+            return model(input_ids=ids.to(device)).logits
+        from ctp_eval import prefix_attention
+
+        if prefix is None:  # window_nlls runs under no_grad, so the prefix carries no graph
+            prefix = prefix_attention.compute_prefix(model, prompt)
+        return prefix_attention.forward_text(model, ids.to(device), prefix).logits
 
     return logits_fn
 

@@ -90,7 +90,7 @@ class TrainConfig:
     val_batch_size: int | None = field(default=None, metadata=_meta("validation batch (default batch_size)"))
     dtype: str = field(default="float32", metadata=_meta("frozen weights' dtype; bfloat16 adds autocast on GPU", choices=DTYPES))
     grad_checkpointing: bool = field(default=False, metadata=_meta("recompute activations in backward (large models)"))
-    loss_chunk: int = field(default=1024, metadata=_meta("tokens per LM-head chunk in the loss; 0 = full logits"))
+    loss_chunk: int = field(default=256, metadata=_meta("tokens per LM-head chunk in the loss; 0 = full logits"))
     lora_r: int = field(default=32, metadata=_meta("LoRA rank"))
     lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha"))
     lora_dropout: float = field(default=0.1, metadata=_meta("LoRA dropout"))
