@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
 
 VARIANTS = ("ctp", "ctp-prepend", "ctp-full", "peft")
 
@@ -162,22 +163,6 @@ def worker(args) -> dict:
             "memory": "cuda max_memory_allocated" if cuda else "peak RSS above loaded model"}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")
@@ -211,11 +196,11 @@ def main(argv=None) -> None:
           f"device={args.device} steps={args.steps} (+{args.warmup} warmup) repeats={args.repeats} "
           f"loss_chunk={args.loss_chunk or 'ctp-train default'} "
           f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print("command: python bench/train_speed.py " + " ".join(base))
     runs: dict[tuple[str, str], list[dict]] = {}
     for dtype in dtypes:
-        load_before = _load()
+        load_before = load()
         for _ in range(args.repeats):
             for variant in variants:
                 proc = subprocess.run([sys.executable, __file__, *base, "--variant", variant, "--dtype", dtype],
@@ -224,7 +209,7 @@ def main(argv=None) -> None:
                 if proc.returncode or not lines:
                     sys.exit(f"{variant} ({dtype}) failed:\n{proc.stderr[-3000:]}")
                 runs.setdefault((dtype, variant), []).append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"\n== {dtype}; load average before / after: {load_before} / {_load()}")
+        print(f"\n== {dtype}; load average before / after: {load_before} / {load()}")
         print(f"{'variant':12s} {'tok/s':>8s} {'s/step':>7s} {'peak MiB':>9s}  runs tok/s | peak MiB")
         med = {}
         for variant in variants:

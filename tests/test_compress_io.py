@@ -1,6 +1,5 @@
 """Compressed checkpoints and the compress-on-load cache, on a saved tiny Llama with a local calibration file."""
 
-import json
 
 import pytest
 import torch
@@ -10,14 +9,6 @@ from ctp_eval import models
 from ctp_eval.compress import io as cio
 from ctp_eval.compress.apply import block_linears, find_blocks
 from ctp_eval.compress.io import CalibConfig, ensure_compressed, read_compression_info
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    text = "Quantization and pruning make language models smaller, and a soft prompt recovers accuracy. "
-    f.write_text("\n".join(json.dumps({"text": text * (3 + i)}) for i in range(6)))
-    return CalibConfig(dataset=str(f), nsamples=4, seqlen=16, seed=0)
 
 
 def _load(path):

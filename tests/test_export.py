@@ -135,14 +135,6 @@ def test_exportable_specs(spec):
 
 
 # ----- round trip on a tiny Llama ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    text = "Quantization and pruning make language models smaller, and a soft prompt recovers accuracy. "
-    f.write_text("\n".join(json.dumps({"text": text * (3 + i)}) for i in range(6)))
-    return CalibConfig(dataset=str(f), nsamples=4, seqlen=16, seed=0)
-
-
 def _linears(model):
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}

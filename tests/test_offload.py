@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ctp_eval import models, trainsetup
 from ctp_eval.compress import apply
 from ctp_eval.compress import io as cio
-from ctp_eval.compress.io import CalibConfig, ensure_compressed
+from ctp_eval.compress.io import ensure_compressed
 
 VOCAB = 300
 
@@ -29,14 +29,6 @@ def bf16_llama_dir(tmp_path_factory, tiny_tokenizer):
     build_model("llama", vocab_size=len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    text = "Quantization and pruning make language models smaller, and a soft prompt recovers accuracy. "
-    f.write_text("\n".join(json.dumps({"text": text * (3 + i)}) for i in range(6)))
-    return CalibConfig(dataset=str(f), nsamples=4, seqlen=16, seed=0)
 
 
 def _devices(obj) -> set[str]:

@@ -18,12 +18,7 @@ from ctp_eval.prompt import SoftPrompt
 WORDS = "alpha beta gamma delta soft prompt model recovers compressed weights one two three four".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

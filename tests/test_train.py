@@ -23,13 +23,7 @@ from ctp_eval.prompt import SoftPrompt
 WORDS = "the quick brown fox jumps over lazy dog soft prompt model capital of France Paris one two three".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: extra threads only spin (measured 5 ms vs 300 ms per step).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
