@@ -4,20 +4,15 @@ are not settled)."""
 from __future__ import annotations
 
 import os
-import platform
 
 
 def machine() -> str:
-    """CPU model name, core count and torch version (and its thread count)."""
+    """The results' hardware line (CPU model name, cores, torch) plus torch's thread count."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the marketing name is more useful than "x86_64"
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from ctp_eval.lm import hardware_summary
+
+    return f"{hardware_summary('cpu')}, {torch.get_num_threads()} threads"
 
 
 def load() -> str:

@@ -37,12 +37,7 @@ LONG_TEXT = " ".join(CONTEXTS + CONTINUATIONS) * 3  # ~270 tokens: three rolling
 GEN = {"until": ["\n\n"], "max_gen_toks": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: more threads only spin
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=ARCHS)

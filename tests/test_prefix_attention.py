@@ -27,12 +27,7 @@ K = 12  # prompt length: longer than the 8-token sliding window
 T = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: more threads only spin
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(model, k=K, seed=1, requires_grad=False):
