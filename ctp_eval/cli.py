@@ -38,8 +38,8 @@ def train_main(argv: list[str] | None = None) -> None:
 def compress_main(argv: list[str] | None = None) -> None:
     """`ctp-compress --spec gptq:w3g128 [--model M] [--out DIR] [--export DIR]`: compress once, reuse in many runs.
 
-    The result is cached under $CTP_CACHE_DIR/compressed (keyed by model + spec + calibration + options), which is
-    where `lm_eval --model ctp --model_args compression=SPEC` looks; `--out` also copies it to a folder of
+    The result is cached under $CTP_CACHE_DIR/compressed (keyed by model + spec + calibration + options + dtype),
+    which is where `lm_eval --model ctp --model_args compression=SPEC` looks; `--out` also copies it to a folder of
     your choice, loadable with `pretrained=DIR`. `--export DIR` also writes the deployable compressed-tensors
     form (packed integer weights, read by vLLM and transformers); `ctp-compress --from-compressed DIR --export
     DIR2` exports a checkpoint compressed earlier.
