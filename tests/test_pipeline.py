@@ -79,7 +79,7 @@ def test_pipeline_end_to_end_and_resumable(tmp_path):
            "--ppl-tasks", "ctp_wikitext2", "--ppl-limit", "1", "--mc-tasks", "ctp_piqa", "--mc-limit", "4",
            "--dense-mc-limit", "4", "--no-hard-prompt", "--no-standard-ppl",
            "--train-dir", str(tmp_path / "kept"), "--k", "4", "--steps", "2", "--batch-size", "2",
-           "--seqlen", "64", "--eval-every", "1", "--val-windows", "1", "--calib-nsamples", "4", "--calib-seqlen", "64"]
+           "--seqlen", "64", "--val-seqlen", "64", "--eval-every", "1", "--val-windows", "1", "--calib-nsamples", "4", "--calib-seqlen", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "commands.log").read_text().splitlines()]
@@ -102,7 +102,10 @@ def test_pipeline_end_to_end_and_resumable(tmp_path):
     proc = subprocess.run(more, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len((out / "commands.log").read_text().splitlines()) == 7 + 5 + 1  # w8: 2 configs x 2 + training; transfer
-    res = json.loads(next((out / "results" / "gptq-w8-prompt-gptq-w4-k4-ppl").rglob("results_*.json")).read_text())
+    transfer = [p for p in (out / "results").iterdir() if p.name.endswith("-prompt-gptq-w4-k4-ppl")]
+    assert len(transfer) == 1 and transfer[0].name.startswith("gptq-w8-")  # spec, then its build
+    res = json.loads(next(transfer[0].rglob("results_*.json")).read_text())
     assert (res["config"]["ctp_compression"], res["config"]["ctp_prompt_trained_on"]) == ("gptq:w8", "gptq:w4")
+    assert transfer[0].name == f"gptq-w8-{res['config']['ctp_compression_build']}-prompt-gptq-w4-k4-ppl"
     md = (out / "leaderboard.md").read_text()
     assert "prompt learned on ↓ / applied to →" in md
