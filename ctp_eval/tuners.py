@@ -11,7 +11,7 @@ import logging
 import torch
 
 from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
-from ctp_eval.prompt import SoftPrompt, init_from_vocab, token_vectors
+from ctp_eval.prompt import PromptError, SoftPrompt, init_from_vocab, token_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: t
         prompt = SoftPrompt.load(init[len("file:") :])
         prompt.check_compatible(model, tokenizer)
         if prompt.k != k:
-            raise ValueError(f"--init {init}: the prompt has {prompt.k} rows, --k is {k}")
+            raise PromptError(f"--init {init}: the prompt has {prompt.k} rows, --k is {k}")
         return prompt.embeds.clone()
     weight = model.get_input_embeddings().weight
     if init == "random":
