@@ -14,7 +14,6 @@ refused. Full-vocabulary caching is not offered: at V = 49k that is 25 MB per 25
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,15 +22,11 @@ from pathlib import Path
 import torch
 
 from ctp_eval.losses import TeacherTargets, decoder_hidden, split_head
+from ctp_eval.trainutil import stream_hash
 
 logger = logging.getLogger(__name__)
 
 CACHE_META = "cache.json"
-
-
-def stream_hash(wins: torch.Tensor) -> str:
-    """sha256 of the training windows' token ids: identifies the corpus, its tokenization and the window length."""
-    return hashlib.sha256(wins.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class Teacher:

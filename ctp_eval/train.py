@@ -15,7 +15,7 @@ Multi-GPU: `accelerate launch --multi_gpu --num_processes N -m ctp_eval.train ..
 every global batch of N*B windows, the trainable gradients are averaged by all-reduce (no DDP wrapper: the
 only trainable tensor is the prompt), and validation windows are split over the ranks. The result equals a
 single process with batch N*B (tested with 2 gloo ranks on CPU). Only rank 0 writes files. Each rank seeds its
-own RNG (seed + rank, after the shared init), so LoRA dropout masks differ across ranks; the checkpoint holds
+own RNG (derived from seed and rank, after the shared init), so LoRA dropout masks differ across ranks; the checkpoint holds
 every rank's RNG state. `--resume` refuses a changed data layout (world size, global batch, token stream).
 """
 
@@ -146,10 +146,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise TrainError(f"training data {data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir)} holds {len(wins)} "
                          f"windows of {cfg.seqlen} tokens, fewer than one batch of {global_batch}; "
                          "use a smaller --seqlen/--batch-size or more data")
-    from ctp_eval.teacher import stream_hash
-
     layout = dict(world=dist.world, global_batch=global_batch, n_windows=len(wins),
-                  source=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir), stream_sha256=stream_hash(wins))
+                  source=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir),
+                  stream_sha256=trainutil.stream_hash(wins))
     if ckpt is not None:
         _check_layout(ckpt.get("data", {}), layout)
     torch.manual_seed(cfg.seed)  # global RNG: LoRA init, identical on every rank

@@ -167,6 +167,13 @@ class TrainConfig:
             return
         raise ValueError(f"init must be vocab, vocab:N (N >= k), random, paper, text:<prompt> or file:<path>, got {init!r}")
 
+    @property
+    def torch_dtype(self):
+        """The frozen weights' torch dtype (model and teacher)."""
+        import torch
+
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
     def recipe(self) -> dict:
         """The settings that define how the prompt was learned (recorded in its metadata)."""
         return {name: getattr(self, name) for name in RECIPE_FIELDS}

@@ -45,13 +45,11 @@ def model_identity(cfg: TrainConfig) -> dict:
 
 def load_model(cfg: TrainConfig, device):
     """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked)."""
-    import torch
-
     from ctp_eval import models
 
     path = models.resolve_pretrained(cfg.model)
     compression = cfg.compression
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = cfg.torch_dtype
     if compression != "none":
         from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
 
@@ -93,14 +91,12 @@ def teacher_path(cfg: TrainConfig) -> str:
 
 
 def load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
-    import torch
-
     from ctp_eval import models
     from ctp_eval.prompt import tokenizer_fingerprint
     from ctp_eval.teacher import Teacher
 
     path = teacher_path(cfg)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = cfg.torch_dtype
     model, tok = models.load_model_and_tokenizer(path, dtype=dtype, device=str(dist.device))
     fingerprint = tokenizer_fingerprint(tokenizer)
     if tokenizer_fingerprint(tok) != fingerprint:

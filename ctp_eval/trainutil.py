@@ -14,6 +14,7 @@ Also the run's plumbing: the JSON-lines log, the SIGINT/SIGTERM flag, and the da
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +55,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "l
 
 def batches_per_epoch(n_windows: int, global_batch: int) -> int:
     return n_windows // global_batch
+
+
+def stream_hash(wins: torch.Tensor) -> str:
+    """sha256 of the training windows' token ids: identifies the corpus, its tokenization and the window length."""
+    return hashlib.sha256(wins.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def batch_indices(n_windows: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
