@@ -90,7 +90,7 @@ class BenchConfig:
         "K > 0: cache the dense teacher's top-K log-probs per training window under OUT/teacher and reuse them "
         "across specs (ctp-train --teacher-cache); 0: full-vocabulary teacher on the fly"))
     train_dtype: str | None = field(default=None, metadata=_m(
-        "ctp-train --dtype (default: --dtype); bfloat16 trains ~1.35x faster on CPU while evaluation stays in --dtype"))
+        "ctp-train --dtype (default: --dtype); bfloat16 halves the weights in memory (faster on GPUs and AVX512-BF16 CPUs; measured 4-5x slower on this AVX2-only CPU) while evaluation stays in --dtype"))
     calib_nsamples: int = field(default=128, metadata=_m("calibration sequences for compression"))
     calib_seqlen: int = field(default=2048, metadata=_m("calibration sequence length"))
     dtype: str = field(default="float32", metadata=_m(
