@@ -17,6 +17,7 @@ BIN = Path(sys.executable).parent
 def test_quick_config_and_spec_validation():
     cfg = BenchConfig(quick=True)
     assert cfg.spec_list == ["gptq:w3g128"] and cfg.steps == 30 and not cfg.standard_ppl
+    assert not cfg.hard_prompt and cfg.loss == "kd" and cfg.val_seqlen == 1024  # the demo's budget and recipe
     assert BenchConfig(specs="gptq:w4, sparsegpt:0.5").spec_list == ["gptq:w4", "sparsegpt:0.5"]
     with pytest.raises(ValueError, match="Invalid compression spec"):
         BenchConfig(specs="gptq:w4,zip:9")
