@@ -115,7 +115,7 @@ class BenchConfig:
         if self.quick:
             self.specs, self.ppl_tasks, self.mc_tasks = "gptq:w3g128", "ctp_wikitext2", "ctp_piqa"
             self.ppl_limit, self.mc_limit, self.dense_mc_limit = 1, 20, 20
-            # validation only before and after training, and no hard-prompt rows: keeps the demo near 11 minutes
+            # validation only before and after training, and no hard-prompt rows: keeps the demo short (822 s, README)
             self.steps, self.batch_size, self.seqlen, self.eval_every, self.val_windows = 30, 2, 256, 30, 4
             self.hard_prompt = False
             self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
