@@ -12,7 +12,7 @@ How it runs:
   pulls a multi-GB CUDA build), then `pip install "llmcompressor==0.14.*"`. It is reused while it imports
   llmcompressor. Its package versions are printed.
 * Here the model is loaded in fp32 and saved to a temporary plain HF folder (safetensors + tokenizer), and the
-  calibration ids are drawn once with `calibration_ids` (C4 train, `--nsamples` x `--calib-seqlen`, seed 0)
+  calibration ids are drawn once with `calibration_ids` (C4 train, `--nsamples` x `--calib-seqlen`, `--seed`)
   and saved, so both tools see exactly the same tokens in the same batches (`--calib-batch-size`).
 * llm-compressor: `bench/llmcompressor_worker.py` in the other venv loads the folder and runs `oneshot`
   (sequential pipeline: layer by layer, errors propagated, as ours) with GPTQModifier or SparseGPTModifier,
@@ -288,6 +288,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
     ap.add_argument("--llmc-venv", default=DEFAULT_VENV, help="llm-compressor venv (made on first use)")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration sample seed (GPTQ/SparseGPT results move with it: compare over several)")
     ap.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence")
     ap.add_argument("--calib-batch-size", type=int, default=8, help="calibration batch size, both tools")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (models, logs)")
@@ -325,7 +327,7 @@ def main(argv=None) -> None:
         model_dir = work / "model"
         dense.save_pretrained(model_dir, safe_serialization=True)  # fp32, plain HF folder
         tok.save_pretrained(model_dir)
-        calib = CalibConfig("c4", "train", args.nsamples, args.calib_seqlen, 0)
+        calib = CalibConfig("c4", "train", args.nsamples, args.calib_seqlen, args.seed)
         calib_ids = calibration_ids(tok, calib)  # (nsamples, seqlen)
         save_file({"input_ids": calib_ids.contiguous()}, str(work / "calib.safetensors"))
         print(f"model={model_id(args.model)} calibration={calibration_details(calib)} batch={args.calib_batch_size} "
