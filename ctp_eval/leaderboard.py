@@ -176,7 +176,8 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
         gaps = [gap_recovered(base.values.get(t) if base else None, r.values.get(t),
                               dense.values.get(t) if dense else None) for t in ppl]
         tokens = a.get("steps", 0) * a.get("batch_size", 0) * a.get("seqlen", 0)
-        rows.append([r.compression, str(a.get("loss", "?")), f"{a.get('lr', 0):g}", str(a.get("lr_schedule", "?")),
+        loss = str(a.get("loss", "?")) + (f" (top-{a['teacher_topk']} cached)" if a.get("teacher_topk") else "")
+        rows.append([r.compression, loss, f"{a.get('lr', 0):g}", str(a.get("lr_schedule", "?")),
                      f"{a.get('batch_size', '?')} x {a.get('seqlen', '?')}", f"{tokens:,}", str(a.get("val_seqlen", "?"))]
                     + [fmt_ppl(r.values.get(t)) for t in ppl]
                     + [" / ".join("–" if g is None else f"{g:.0f}" for g in gaps)])
