@@ -17,7 +17,6 @@ forward is paid once for all specs when cached, and KD then costs what CE costs 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -26,11 +25,13 @@ from pathlib import Path
 
 from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
 
+from ctp_eval.trainutil import read_run_log
+
 VARIANTS = ("kd", "kd-cold", "kd-warm", "ce")
 
 
-def run(variant: str, work: Path, cache: Path, args) -> float:
-    out = work / f"{variant}-{len(list(work.iterdir()))}"
+def run(variant: str, repeat: int, work: Path, args) -> float:
+    out, cache = work / f"{variant}-{repeat}", work / f"cache-{repeat}"  # kd-cold fills cache-N, kd-warm reads it
     cmd = ["ctp-train", "--out", str(out), "--compression", args.compression, "--calib-nsamples", str(args.calib_nsamples),
            "--calib-seqlen", str(args.calib_seqlen), "--k", str(args.k), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--eval-every", str(10 * args.steps),
@@ -41,8 +42,7 @@ def run(variant: str, work: Path, cache: Path, args) -> float:
     if variant in ("kd-cold", "kd-warm"):
         cmd += ["--teacher-topk", str(args.topk), "--teacher-cache", str(cache)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    speeds = [r["tok_s"] for r in rows if "tok_s" in r and r["step"] > args.skip]
+    speeds = [r["tok_s"] for r in read_run_log(out / "train_log.jsonl") if "tok_s" in r and r["step"] > args.skip]
     shutil.rmtree(out)
     return statistics.median(speeds)
 
@@ -69,9 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ctp-teacher-cache-") as tmp:
         work = Path(tmp)
         for r in range(args.repeats):
-            cache = work / f"cache-{r}"
             for v in VARIANTS:
-                results[v].append(run(v, work, cache, args))
+                results[v].append(run(v, r, work, args))
                 print(f"  repeat {r + 1} {v:8s} {results[v][-1]:7.1f} tok/s", flush=True)
     med = {v: statistics.median(x) for v, x in results.items()}
     for v in VARIANTS:

@@ -168,6 +168,13 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------- run plumbing
 
 
+def read_run_log(path: Path) -> list[dict]:
+    """The rows of a train_log.jsonl (none if it does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(r) for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
+
+
 class RunLog:
     """train_log.jsonl: one JSON object per training step or validation."""
 
@@ -182,8 +189,8 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drop rows past the checkpoint, so a resumed run's log reads like an uninterrupted one."""
         if self.enabled and self.path.is_file():
-            rows = [r for r in self.path.read_text(encoding="utf-8").splitlines() if r.strip()]
-            self.path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step), encoding="utf-8")
+            kept = [r for r in read_run_log(self.path) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 class StopSignals:

@@ -38,7 +38,7 @@ def cfg(tmp, model_dir, corpus, **kw) -> T.TrainConfig:
 
 
 def log_rows(out):
-    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    return trainutil.read_run_log(out / "train_log.jsonl")
 
 
 def test_validation_runs_at_val_seqlen_not_train_seqlen(tiny_llama_dir, corpus, tmp_path):

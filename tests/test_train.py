@@ -122,7 +122,7 @@ def finished(tiny_llama_dir, corpus, tmp_path_factory):
 
 def test_loss_decreases_and_outputs_complete(finished, corpus):
     result, out = finished
-    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    rows = trainutil.read_run_log(out / "train_log.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
     assert result.best_val_ppl < result.val_ppl_before
@@ -146,7 +146,7 @@ def test_best_prompt_is_best_validation(finished, tiny_llama_dir, tmp_path):
     got = perplexity(model, tok, c["val_data"], "validation", 32, prompt_of(out / "prompt.safetensors"),
                      batch_size=2, limit_windows=4).ppl
     assert got == pytest.approx(result.best_val_ppl, rel=1e-5)
-    vals = [json.loads(x)["val_ppl"] for x in (out / "train_log.jsonl").read_text().splitlines() if "val_ppl" in x]
+    vals = [r["val_ppl"] for r in trainutil.read_run_log(out / "train_log.jsonl") if "val_ppl" in r]
     assert result.best_val_ppl == pytest.approx(min(vals))
 
 
@@ -159,7 +159,7 @@ def test_resume_equals_uninterrupted(finished, tiny_llama_dir, corpus, tmp_path)
     assert second.steps_done == 24 and second.stopped_by is None
     for name in ("prompt.safetensors", "last.safetensors"):
         torch.testing.assert_close(prompt_of(tmp_path / "out" / name), prompt_of(full / name), rtol=1e-5, atol=1e-6)
-    log = lambda p: [json.loads(x) for x in (p / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    log = lambda p: trainutil.read_run_log(p / "train_log.jsonl")  # noqa: E731
     a, b = log(tmp_path / "out"), log(full)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     value = lambda r: r.get("loss", r.get("val_ppl"))  # noqa: E731
