@@ -258,7 +258,7 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     if study:
         out += ["", "## Recipe study", "",
                 "Learned prompts (k as in the main table, C4 train, best C4-validation checkpoint) by training recipe, "
-                "at equal training tokens per row.", "", _table(*study), ""]
+                "with each row's training budget in tokens.", "", _table(*study), ""]
     if plots:
         out += ["", "## Plots", ""]
         for caption, path in plots:
