@@ -4,7 +4,8 @@ For each compression spec: compress (cached) -> evaluate without prompt and with
 train a soft prompt on C4 (`ctp-train`, resumable) -> evaluate with it; then the leaderboard. Every step is a
 subprocess of the project's own commands (`lm_eval --model ctp`, `ctp-train`), so the results JSON files are
 exactly what a user would get, and a finished step (its results JSON / finished prompt exists) is skipped on
-the next call. Interrupting loses at most the step in flight (training resumes from its last checkpoint).
+the next call. Ctrl-C or SIGTERM is passed on to the step in flight and ctp-bench stops after it: ctp-train
+checkpoints after its current step (and resumes from there), an interrupted evaluation is redone.
 After the spec loop, --transfer-from A,B evaluates the learned prompts of A and B on every other spec (PPL tasks
 only: the transfer matrix). --train-data/--train-split train on another corpus (the data-transfer table) and
 --k sets the prompt length (the ablation); both go into the run and prompt names (see BenchConfig.prompt_tag).
@@ -23,8 +24,10 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +166,25 @@ def _bin(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
+class _SignalForwarder:
+    """While a step runs: hand every SIGINT/SIGTERM to it and remember the first (main thread only)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.signum, self._old = proc, None, {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal only works there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = self.signum or signum
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 class Runner:
     def __init__(self, cfg: BenchConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -177,13 +199,25 @@ class Runner:
         if self.cfg.dry_run:
             return
         t0 = time.time()
-        proc = subprocess.run(cmd)
+        # The step runs in its own session and we pass each SIGINT/SIGTERM on to it, so it is stopped the way it
+        # expects (ctp-train checkpoints after its current step, a second signal stops it at once). Without this,
+        # `kill` on ctp-bench orphaned a still-running child, and Ctrl-C let subprocess.run SIGKILL it 0.25 s later.
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        received = _SignalForwarder(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            received.restore()
         wall = time.time() - t0
         with open(self.out / "commands.log", "a") as f:
-            f.write(json.dumps({"what": what, "cmd": line, "rc": proc.returncode, "wall_s": round(wall, 1),
+            f.write(json.dumps({"what": what, "cmd": line, "rc": rc, "wall_s": round(wall, 1),
                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-        if proc.returncode != 0:
-            raise SystemExit(f"ctp-bench: step failed ({what}, exit {proc.returncode}); rerun to resume")
+        if received.signum is not None:
+            print(f"ctp-bench: stopped by {signal.Signals(received.signum).name} during {what}; rerun to resume",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + received.signum)
+        if rc != 0:
+            raise SystemExit(f"ctp-bench: step failed ({what}, exit {rc}); rerun to resume")
 
     # ----- steps -------------------------------------------------------------------------------------------
     def compressed(self, spec: str) -> str:

@@ -110,3 +110,30 @@ def test_pipeline_end_to_end_and_resumable(tmp_path):
     assert transfer[0].name == f"gptq-w8-{res['config']['ctp_compression_build']}-prompt-gptq-w4-k4-ppl"
     md = (out / "leaderboard.md").read_text()
     assert "prompt learned on ↓ / applied to →" in md
+
+
+def test_sigterm_reaches_the_step_in_flight(tmp_path):
+    """`kill` on ctp-bench hands SIGTERM to its running step (ctp-train checkpoints on it) and waits for it,
+    instead of dying and leaving the step running on its own."""
+    import signal
+    import time
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    step = ("import pathlib, signal, sys, time\n"
+            f"def stop(*_): time.sleep(0.5); pathlib.Path({str(stopped)!r}).write_text('ok'); sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            f"pathlib.Path({str(ready)!r}).write_text('')\n"
+            "time.sleep(60)\n")
+    bench = ("from ctp_eval.pipeline import BenchConfig, Runner\n"
+             f"Runner(BenchConfig(out={str(tmp_path / 'out')!r})).run([{sys.executable!r}, '-c', {step!r}], 'step')\n")
+    parent = subprocess.Popen([sys.executable, "-c", bench], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not ready.exists():
+        assert time.time() < deadline and parent.poll() is None, parent.stderr.read() if parent.poll() else "no start"
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    assert stopped.read_text() == "ok"  # the step ran its own stop handler to the end before ctp-bench exited
+    assert "stopped by SIGTERM during step; rerun to resume" in parent.stderr.read()
+    log = (tmp_path / "out" / "commands.log").read_text()
+    assert '"rc": 143' in log
