@@ -4,7 +4,7 @@
 # recipe, and each compression build gets its own no-prompt row). Perplexity only; multiple choice on the larger
 # subsets is a second pass (MC=1) over the specs named, since it costs ~40 min of CPU per row here.
 #
-#   RECIPE=kd-lr3e-2 LOSS=kd LR=3e-2 STEPS=240 CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh
+#   RECIPE=ce-lr3e-2 LOSS=ce LR=3e-2 STEPS=400 CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh
 #   RECIPE=... SPECS=gptq:w3g128,sparsegpt:0.5 MC=1 CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh
 #
 # Resumable: ctp-bench skips finished evaluations and published prompts, and ctp-train resumes from the run folder
