@@ -27,12 +27,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctp_eval.configargs import add_dataclass_args, config_from_args
+from ctp_eval.signals import SignalScope
 
 logger = logging.getLogger(__name__)
 
@@ -166,23 +166,17 @@ def _bin(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-class _SignalForwarder:
-    """While a step runs: hand every SIGINT/SIGTERM to it and remember the first (main thread only)."""
+class _ForwardSignals(SignalScope):
+    """While a step runs: hand every SIGINT/SIGTERM on to it and remember the first."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.proc, self.signum, self._old = proc, None, {}
-        if threading.current_thread() is threading.main_thread():  # signal.signal only works there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+        super().__init__()
+        self.proc = proc
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum, frame) -> None:
         self.signum = self.signum or signum
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class Runner:
@@ -203,11 +197,8 @@ class Runner:
         # expects (ctp-train checkpoints after its current step, a second signal stops it at once). Without this,
         # `kill` on ctp-bench orphaned a still-running child, and Ctrl-C let subprocess.run SIGKILL it 0.25 s later.
         proc = subprocess.Popen(cmd, start_new_session=True)
-        received = _SignalForwarder(proc)
-        try:
+        with _ForwardSignals(proc) as received:
             rc = proc.wait()
-        finally:
-            received.restore()
         wall = time.time() - t0
         with open(self.out / "commands.log", "a") as f:
             f.write(json.dumps({"what": what, "cmd": line, "rc": rc, "wall_s": round(wall, 1),

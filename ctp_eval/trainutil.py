@@ -20,13 +20,14 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ctp_eval.signals import SignalScope
 
 logger = logging.getLogger(__name__)
 
@@ -193,28 +194,14 @@ class RunLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
-class StopSignals:
+class StopSignals(SignalScope):
     """Turn SIGINT/SIGTERM into a flag checked between steps (a second signal stops at once)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
         logger.warning("%s received: checkpointing after the current step", signal.Signals(signum).name)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal.signal only works there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
