@@ -6,6 +6,11 @@
 #
 #   RECIPE=ce-lr3e-2 LOSS=ce LR=3e-2 STEPS=400 CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh
 #   RECIPE=... SPECS=gptq:w3g128,sparsegpt:0.5 MC=1 CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh
+#   RECIPE=... TRANSFER=all CTP_DATA_DIR=../shared/data bash bench/recipe_rerun.sh   # + the transfer matrix
+#
+# TRANSFER=all (or a comma list of specs) applies each named spec's new prompt to every other spec of SPECS
+# (perplexity only), once all of them are trained: the rows of the transfer matrix. Arguments are passed on
+# to ctp-bench (e.g. --dry-run prints the plan).
 #
 # Resumable: ctp-bench skips finished evaluations and published prompts, and ctp-train resumes from the run folder
 # (leaderboards/smollm2-135m/train, small enough to commit between sessions). The top-K teacher cache is shared by
@@ -20,9 +25,12 @@ if [[ "${MC:-0}" == 1 ]]; then
   MC_ARGS=(--mc-tasks ctp_openbookqa,ctp_hellaswag,ctp_piqa
            --mc-task-limits ctp_hellaswag=1000,ctp_piqa=none,ctp_openbookqa=none)
 fi
+TRANSFER=${TRANSFER:-}
+[[ "$TRANSFER" == all ]] && TRANSFER=$SPECS
 ctp-bench --specs "$SPECS" "${MC_ARGS[@]}" --no-hard-prompt --calib-nsamples 16 --calib-seqlen 512 \
           --ppl-limit 1 --max-length 1124 --no-standard-ppl --val-windows 8 --val-seqlen 1024 \
           --recipe "$RECIPE" --loss "$LOSS" --lr "$LR" --steps "$STEPS" --eval-every "${EVAL_EVERY:-40}" \
           --batch-size "${BATCH:-4}" --seqlen "${SEQLEN:-256}" --teacher-topk "${TOPK:-0}" \
           --out runs/rerun --results-dir leaderboards/smollm2-135m/results --prompts-dir prompts/smollm2-135m \
-          --train-dir leaderboards/smollm2-135m/train --leaderboard runs/rerun/leaderboard.md
+          --train-dir leaderboards/smollm2-135m/train --leaderboard runs/rerun/leaderboard.md \
+          ${TRANSFER:+--transfer-from "$TRANSFER"} "$@"
