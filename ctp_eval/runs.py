@@ -23,6 +23,16 @@ KIND_ORDER = {"dense": 0, "none": 1, "hard": 2, "learned": 3, "lora": 4}
 KIND_LABEL = {"dense": "dense", "none": "no prompt", "hard": "hard prompt", "learned": "learned prompt", "lora": "LoRA"}
 
 
+@dataclass(frozen=True)
+class MCScore:
+    """A multiple-choice result on one subset of a task's documents."""
+
+    acc_norm: float
+    stderr: float | None = None
+    docs: int | None = None  # documents scored (lm-eval's n-samples "effective")
+    total: int | None = None  # documents in the task ("original")
+
+
 @dataclass
 class Run:
     """One evaluated configuration (several results files of the same configuration are merged)."""
@@ -38,10 +48,12 @@ class Run:
     build: str = ""  # fingerprint of the compressed model's build ("" = dense or an earlier, unrecorded build)
     recipe: str = ""  # learned prompts: the training recipe's name ("paper" for the paper's, "study-..." cells)
     recipe_args: dict = field(default_factory=dict)  # its settings (loss, lr, seqlen, batch_size, steps, ...)
-    values: dict[str, float] = field(default_factory=dict)  # task -> token PPL or acc_norm
-    stderr: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)  # ppl task -> token PPL
+    # MC results by (task, --limit): the same configuration may be scored on 100 documents and on all of them,
+    # and the tables must never mix subsets in one column.
+    mc: dict[tuple[str, float | None], MCScore] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # ppl task -> data source name
-    limits: dict[str, float | None] = field(default_factory=dict)  # task -> --limit used
+    limits: dict[str, float | None] = field(default_factory=dict)  # ppl task -> --limit used
     files: list[dict] = field(default_factory=list)  # per results file: command, date, hardware, wall time
 
     @property
@@ -103,24 +115,22 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         recipe_args=cfg.get("ctp_prompt_recipe_args") or {},
     )
     tasks = sorted(res.get("results", {}))
+    limit = cfg.get("limit")
     for task in tasks:
         r = res["results"][task]
         if task in PPL_TASKS and "token_perplexity,none" in r:
             run.values[task] = float(r["token_perplexity,none"])
             meta = (res.get("configs", {}).get(task, {}) or {}).get("metadata", {}) or {}
             run.sources[task] = str(meta.get("source") or r.get("alias", task))
+            run.limits[task] = limit
         elif task in MC_TASKS and "acc_norm,none" in r:
-            run.values[task] = float(r["acc_norm,none"])
             se = r.get("acc_norm_stderr,none")
-            if isinstance(se, (int, float)):
-                run.stderr[task] = float(se)
-        else:
-            continue
-        run.limits[task] = cfg.get("limit")
+            n = (res.get("n-samples") or {}).get(task) or {}
+            run.mc[(task, limit)] = MCScore(float(r["acc_norm,none"]), float(se) if isinstance(se, (int, float)) else None,
+                                            n.get("effective"), n.get("original"))
     model_args = cfg.get("model_args", "")
     if isinstance(model_args, dict):
         model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    limit = cfg.get("limit")
     command = f"lm_eval --model ctp --model_args {model_args} --tasks {','.join(tasks)}" + (
         f" --limit {limit:g}" if isinstance(limit, (int, float)) else ""
     )
@@ -149,7 +159,7 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
             continue
         m = merged[run.key]
         m.values.update(run.values)
-        m.stderr.update(run.stderr)
+        m.mc.update(run.mc)
         m.sources.update(run.sources)
         m.limits.update(run.limits)
         m.files.extend(run.files)

@@ -105,7 +105,10 @@ def test_markdown_has_all_tables_and_is_reproducible(results_dir, tmp_path):
     for section in ("## Main table", "## Transfer across compression levels", "## Transfer across training data",
                     "## Prompt length", "## Runs"):
         assert section in text, section
-    assert "PIQA --limit 100" in text and "Subsets" in text
+    # PIQA: two rows scored every document, the compressed model 100 of them: separate columns, never one
+    other = text.split("## Multiple choice on other subsets")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in other.splitlines() if line.startswith("| ")]
+    assert rows == [["configuration", "PIQA (--limit 100) acc_norm %"], ["gptq:w3g128, no prompt", "50.0 ± 1.0"]]
     assert "45.00" in text  # the transfer cell
     data_table = text.split("## Transfer across training data")[1].split("##")[0]
     assert "`wikitext2-validation`" in data_table and "`c4-train1000[:800]`" in data_table  # the exact training data
@@ -193,3 +196,32 @@ def test_each_build_of_a_spec_has_its_own_baseline(results_dir):
     assert rows["gptq:w3g128 [build ab12cd34], learned prompt (k=100, c4, recipe kd)"][-1] == "50 / 50"  # (60-40)/40
     assert "gptq:w3g128 [build ab12cd34], no prompt" in rows and "sparsegpt:0.5, no prompt" in rows
 
+
+
+def test_mc_subsets_never_share_a_column(tmp_path):
+    # dense and gptq:w3g128 scored on 100 PIQA documents (the main table) and on all 1,838; only the
+    # compressed model on 1,000 HellaSwag documents
+    d = tmp_path / "results"
+
+    def mc_result(name, compression, acc, limit, docs, total, date):
+        path = write_result(d, name, compression=compression, mc={"ctp_piqa": (acc, 0.05 if limit else 0.01)},
+                            limit=limit, date=date)
+        res = json.loads(path.read_text())
+        res["n-samples"] = {"ctp_piqa": {"original": total, "effective": docs}}
+        path.write_text(json.dumps(res))
+
+    mc_result("dense-100", "none", 0.70, 100, 100, 1838, 1_790_000_000.0)
+    mc_result("dense-all", "none", 0.64, None, 1838, 1838, 1_790_000_100.0)  # later file: must not replace the 100-doc cell
+    mc_result("w3-100", "gptq:w3g128", 0.60, 100, 100, 1838, 1_790_000_000.0)
+    mc_result("w3-all", "gptq:w3g128", 0.58, None, 1838, 1838, 1_790_000_100.0)
+    mc_result("s50-100", "sparsegpt:0.5", 0.55, 100, 100, 1838, 1_790_000_000.0)
+    runs = load_runs([d])
+    headers, rows = main_table(runs)
+    assert [r[:2] for r in rows] == [["dense", "70.0 ± 5.0"], ["gptq:w3g128, no prompt", "60.0 ± 5.0"],
+                                     ["sparsegpt:0.5, no prompt", "55.0 ± 5.0"]]
+    text = write_leaderboard([d], tmp_path / "lb.md", title="T", plots=False).read_text()
+    assert "PIQA --limit 100" in text
+    other = text.split("## Multiple choice on other subsets")[1].split("\n## ")[0]
+    assert "PIQA (all 1,838) acc_norm %" in other
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in other.splitlines() if line.startswith("| ")]
+    assert lines[1:] == [["dense", "64.0 ± 1.0"], ["gptq:w3g128, no prompt", "58.0 ± 1.0"]]  # no sparsegpt row
