@@ -41,7 +41,7 @@ MC_TASKS = "ctp_openbookqa,ctp_hellaswag,ctp_piqa,ctp_mmlu_hs_european_history"
 PAPER_SPECS = "gptq:w4,gptq:w3g128,gptq:w2g64,sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,sparsegpt:0.5+gptq:w4"
 # ctp-train's paper defaults of the recipe flags that ctp-bench passes through (anything else needs --recipe)
 PAPER_RECIPE = dict(lr=None, lr_schedule="linear", warmup_steps=None, init="vocab", loss="ce", kd_weight=0.5,
-                    teacher_topk=0, train_dtype=None)
+                    teacher_topk=0, train_dtype=None, seed=0)
 # --quick: the recipe this project recommends at a small CPU budget (see the leaderboard's recipe study)
 QUICK_RECIPE = dict(recipe="kd", loss="kd", lr=3e-2)
 
@@ -86,7 +86,11 @@ class BenchConfig:
     lr: float | None = field(default=None, metadata=_m("ctp-train --lr (default: the paper's 1e-3)"))
     lr_schedule: str = field(default="linear", metadata=_m("ctp-train --lr-schedule"))
     warmup_steps: int | None = field(default=None, metadata=_m("ctp-train --warmup-steps (default min(500, steps/10))"))
-    init: str = field(default="vocab", metadata=_m("ctp-train --init"))
+    init: str = field(default="vocab", metadata=_m(
+        "ctp-train --init (file:PATH warm-starts from a prompt, e.g. to continue a finished run for more steps)"))
+    seed: int = field(default=0, metadata=_m(
+        "ctp-train --seed (init and data order; a warm-started continuation with another seed reads its epoch of "
+        "the training data in another order)"))
     loss: str = field(default="ce", metadata=_m("ctp-train --loss: ce, kd (distill the dense model) or ce+kd"))
     kd_weight: float = field(default=0.5, metadata=_m("ctp-train --kd-weight (ce+kd)"))
     teacher_topk: int = field(default=0, metadata=_m(
@@ -291,7 +295,8 @@ class Runner:
                "--batch-size", str(cfg.batch_size), "--seqlen", str(cfg.seqlen), "--eval-every", str(cfg.eval_every),
                "--save-every", str(cfg.eval_every), "--val-windows", str(cfg.val_windows),
                "--val-seqlen", str(cfg.val_seqlen), "--dtype", cfg.train_dtype, "--data", cfg.train_data,
-               "--data-split", cfg.train_split, "--init", cfg.init, "--lr-schedule", cfg.lr_schedule, "--loss", cfg.loss]
+               "--data-split", cfg.train_split, "--init", cfg.init, "--lr-schedule", cfg.lr_schedule, "--loss", cfg.loss,
+               "--seed", str(cfg.seed)]
         for flag, value in (("--lr", cfg.lr), ("--warmup-steps", cfg.warmup_steps)):
             if value is not None:
                 cmd += [flag, f"{value:g}"]

@@ -46,11 +46,11 @@ def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
     from ctp_eval.pipeline import main
 
     main(["--out", str(tmp_path), "--specs", "gptq:w4", "--recipe", "kd", "--loss", "kd", "--lr", "0.03",
-          "--lr-schedule", "cosine", "--train-dtype", "bfloat16", "--mc-tasks", "ctp_openbookqa,ctp_hellaswag,ctp_piqa",
+          "--lr-schedule", "cosine", "--train-dtype", "bfloat16", "--seed", "3", "--mc-tasks", "ctp_openbookqa,ctp_hellaswag,ctp_piqa",
           "--mc-limit", "100", "--mc-task-limits", "ctp_hellaswag=1000,ctp_piqa=none,ctp_openbookqa=none", "--dry-run"])
     plan = capsys.readouterr().out.splitlines()
     train = next(line for line in plan if "ctp-train" in line)
-    for flag in ("--loss kd", "--lr 0.03", "--lr-schedule cosine", "--dtype bfloat16", "--recipe-name kd",
+    for flag in ("--loss kd", "--lr 0.03", "--lr-schedule cosine", "--dtype bfloat16", "--recipe-name kd", "--seed 3",
                  "--val-seqlen 1024", "gptq-w4-k100-kd"):
         assert flag in train, flag
     mc = [line for line in plan if "lm_eval" in line and "ctp_hellaswag" in line or "ctp_piqa" in line and "lm_eval" in line]
@@ -61,8 +61,9 @@ def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
     assert all("dtype=float32" in line for line in plan if "lm_eval" in line)  # evaluation keeps --dtype
     with pytest.raises(ValueError, match="mc-task-limits"):
         BenchConfig(mc_task_limits="ctp_c4=3")
-    with pytest.raises(ValueError, match="--recipe NAME"):
-        BenchConfig(lr=0.01)
+    for changed in (dict(lr=0.01), dict(seed=1)):  # another result, so it must not take the paper-recipe name
+        with pytest.raises(ValueError, match="--recipe NAME"):
+            BenchConfig(**changed)
 
 
 @pytest.mark.slow
