@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 
 
-def machine() -> str:
-    """The results' hardware line (CPU model name, cores, torch) plus torch's thread count."""
+def machine(device: str = "cpu") -> str:
+    """The results' hardware line (CPU model name, cores, torch; the GPU's name on cuda) plus torch's threads."""
     import torch
 
     from ctp_eval.lm import hardware_summary
 
-    return f"{hardware_summary('cpu')}, {torch.get_num_threads()} threads"
+    return f"{hardware_summary(torch.device(device))}, {torch.get_num_threads()} threads"
 
 
 def load() -> str:

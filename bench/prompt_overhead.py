@@ -12,6 +12,7 @@ machine hits every variant alike. The load average is printed before and after: 
 
     python bench/prompt_overhead.py --workload both --repeats 5          # embedded SmolLM2-135M, k=100, fp32
     python bench/prompt_overhead.py --workload docs --dtype bfloat16 --threads 2
+    python bench/prompt_overhead.py --model DIR --device cuda --dtype bfloat16   # GPU (timings: .item() syncs)
 
 Targets (issue 15): ctp+prompt (cache) / ctp <= 1.05 on both workloads; ctp / hf <= 1 within noise.
 """
@@ -54,7 +55,7 @@ def run_workload(kind: str, args, path: str, prompt_path: str, tok) -> dict[str,
     from ctp_eval.lm import CTPLM
 
     desc, req, n_tokens, max_length = workload_requests(kind, tok, args)
-    common = dict(device="cpu", dtype=args.dtype, batch_size=args.batch_size)
+    common = dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     if max_length is not None:
         common["max_length"] = max_length
     prompted = dict(common)
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--doc-chars", type=int, default=6000, help="docs: characters per document")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--modes", default="cache,cache-plain,prepend", help="prompt modes to time (comma-separated)")
@@ -121,9 +123,9 @@ def main() -> None:
     prompt_path = os.path.join(tempfile.mkdtemp(), "p.safetensors")
     SoftPrompt.for_model(init_from_vocab(model, args.k, seed=0), model, tok).save(prompt_path)
     del model
-    print(f"model={models.model_id(args.model)}; machine: {machine()}")
+    print(f"model={models.model_id(args.model)}; machine: {machine(args.device)}")
     print(f"command: python bench/prompt_overhead.py --workload {args.workload} --repeats {args.repeats} "
-          f"--batch-size {args.batch_size} --dtype {args.dtype} --k {args.k} --tokens {args.tokens} "
+          f"--batch-size {args.batch_size} --dtype {args.dtype} --device {args.device} --k {args.k} --tokens {args.tokens} "
           f"--max-length {args.max_length} --docs {args.docs} --doc-chars {args.doc_chars}"
           + (f" --threads {args.threads}" if args.threads else ""))
     for kind in (("windows", "docs") if args.workload == "both" else (args.workload,)):

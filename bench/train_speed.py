@@ -6,10 +6,12 @@
 
 Variants, each run in its own subprocess (neither sees the other's allocations), the runs alternated
 (ctp, ctp-prepend, ..., peft, ctp, ...) --repeats times per dtype, so slow drift of a shared machine hits all alike:
-  ctp          `ctp_eval.train.train_step` as ctp-train runs it: the prompt's k positions once per step, shared by
-               the rows (prompt-aware attention), chunked LM-head loss over the text positions only
+  ctp          `ctp_eval.train.train_step` as ctp-train runs it: on CPU the prompt's k positions once per step,
+               shared by the rows (prompt-aware attention), on a GPU prepended to every row
+               (`prefix_attention.shared_prefix_pays`); chunked LM-head loss over the text positions only
   ctp-prepend  the same step with the prompt prepended to every row (shared_prefix=False; ctp-train before issue 15)
-  ctp-full     the shared-prefix step with --loss-chunk 0 (full (B, T, V) logits)
+  ctp-shared   the same step with the prompt shared by the rows (shared_prefix=True; ctp-train's CPU default)
+  ctp-full     the default step with --loss-chunk 0 (full (B, T, V) logits)
   peft         get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
 tokens/s counts the B x T text tokens of a step (the same for all). Timed: --steps optimizer steps after --warmup
 untimed ones. Memory: on CUDA, max_memory_allocated during the steps; on CPU, the peak resident set sampled every
@@ -33,7 +35,7 @@ import time
 
 from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
 
-VARIANTS = ("ctp", "ctp-prepend", "ctp-full", "peft")
+VARIANTS = ("ctp", "ctp-prepend", "ctp-shared", "ctp-full", "peft")
 
 
 def _rss() -> int:
@@ -104,7 +106,8 @@ def _make_step(variant, args, model, tok, ids, autocast):
         cfg = TrainConfig(out="-", k=args.k, seqlen=args.seqlen, batch_size=args.batch_size, steps=1000,
                           dtype=args.dtype, **chunk)
         tuner = build_tuner(model, tok, cfg)
-        tuner.shared_prefix = variant != "ctp-prepend"
+        if variant in ("ctp-prepend", "ctp-shared"):  # else ctp-train's default for this device
+            tuner.shared_prefix = variant == "ctp-shared"
         opt, sched = make_optimizer(tuner, cfg)
         params = tuner.parameters()
 
@@ -196,7 +199,7 @@ def main(argv=None) -> None:
           f"device={args.device} steps={args.steps} (+{args.warmup} warmup) repeats={args.repeats} "
           f"loss_chunk={args.loss_chunk or 'ctp-train default'} "
           f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     print("command: python bench/train_speed.py " + " ".join(base))
     runs: dict[tuple[str, str], list[dict]] = {}
     for dtype in dtypes:

@@ -63,6 +63,9 @@ def compress_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="also copy the compressed checkpoint to this folder")
     ap.add_argument("--export", default=None, metavar="DIR",
                     help="also write the compressed-tensors export (pack-quantized) to this new folder")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip reloading the export through transformers (the packed codes are still checked "
+                         "against the grid, bit for bit)")
     ap.add_argument("--device", default="auto",
                     help="where each block is solved (auto: cuda if available, else cpu; cuda:1, ...); the model "
                          "itself stays on the host and its blocks visit the device one at a time")
@@ -106,7 +109,7 @@ def compress_main(argv: list[str] | None = None) -> None:
         path = args.from_compressed
     if args.export:
         try:
-            export_compressed(path, args.export)  # logs the on-disk sizes
+            export_compressed(path, args.export, verify=not args.no_verify)  # logs the on-disk sizes
         except ExportError as err:
             raise SystemExit(f"ctp-compress: cannot export: {err}")
         print(args.export)

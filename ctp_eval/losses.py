@@ -20,7 +20,8 @@ never reach the LM head. The split into decoder + head is verified numerically a
 once per model; a model whose forward does anything else (logit soft-capping, scaling) falls back to the
 full-logits path (`full_loss`).
 
-Shared prompt (`shared_prefix=True`, what `ctp-train` runs): the k prompt positions are identical for every row of a
+Shared prompt (`shared_prefix=True`, what `ctp-train` runs on CPU; on GPUs it prepends, see
+`prefix_attention.shared_prefix_pays`): the k prompt positions are identical for every row of a
 batch, so the decoder runs them once per step (batch 1, with gradient) and every text row attends to their
 keys/values through `ctp_eval.prefix_attention` (broadcast, never copied B times). Same loss and gradient as
 prepending the prompt to each row; at batch 4 x 256 with k=100 the decoder sees 100 + 1024 positions instead of

@@ -271,6 +271,15 @@ def _private_flash():
         return None
 
 
+def shared_prefix_pays(device) -> bool:
+    """Whether training should share the prompt's positions across rows on `device` (PromptTuner's default).
+
+    Only with the fused "lse" kernel (CPU): it saves the prompt's B-fold work (1.16x PEFT's step, issue 15). The
+    "concat" fallback re-copies q/k/v every layer and adds a batch-1 prompt pass; on an H200 (1B Llama shape,
+    bf16, 4 x 256, k=100) that step ran at 0.53x the speed of prepending the prompt to every row."""
+    return torch.device(device).type == "cpu" and _private_flash() is not None
+
+
 def _lse_applies(query, key, value) -> bool:
     return (_private_flash() is not None and query.device.type == "cpu"
             and query.dtype in (torch.float32, torch.bfloat16)

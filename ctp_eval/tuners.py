@@ -71,19 +71,22 @@ def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: t
 
 
 class PromptTuner:
-    """k trainable fp32 embeddings in front of a frozen model. `shared_prefix` (default): the prompt's positions
-    run once per batch and every row attends to them (`ctp_eval.prefix_attention`); False: the plain path, the
-    prompt prepended to every row (the reference; same loss and gradient)."""
+    """k trainable fp32 embeddings in front of a frozen model. `shared_prefix` True: the prompt's positions run
+    once per batch and every row attends to them (`ctp_eval.prefix_attention`); False: the plain path, the prompt
+    prepended to every row (the reference; same loss and gradient). Default (None): whichever is faster on the
+    model's device (`prefix_attention.shared_prefix_pays`: shared on CPU, prepended on GPUs)."""
 
     method = "prompt"
 
-    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool = True):
+    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool | None = None):
+        from ctp_eval.prefix_attention import shared_prefix_pays
+
         self.model = model
         device = next(model.parameters()).device
         # fp32 master copy even for a bf16 model: updates of ~lr*1e-3 would vanish in bf16's 8-bit mantissa
         self.prompt = torch.nn.Parameter(embeds.detach().float().to(device).clone())
         self.loss_chunk = loss_chunk
-        self.shared_prefix = shared_prefix
+        self.shared_prefix = shared_prefix_pays(device) if shared_prefix is None else shared_prefix
         self.split = split_head(model) if loss_chunk > 0 else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
