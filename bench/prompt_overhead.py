@@ -125,8 +125,8 @@ def main() -> None:
     del model
     print(f"model={models.model_id(args.model)}; machine: {machine(args.device)}")
     print(f"command: python bench/prompt_overhead.py --workload {args.workload} --repeats {args.repeats} "
-          f"--batch-size {args.batch_size} --dtype {args.dtype} --device {args.device} --k {args.k} --tokens {args.tokens} "
-          f"--max-length {args.max_length} --docs {args.docs} --doc-chars {args.doc_chars}"
+          f"--batch-size {args.batch_size} --dtype {args.dtype} --device {args.device} --k {args.k} "
+          f"--tokens {args.tokens} --max-length {args.max_length} --docs {args.docs} --doc-chars {args.doc_chars}"
           + (f" --threads {args.threads}" if args.threads else ""))
     for kind in (("windows", "docs") if args.workload == "both" else (args.workload,)):
         run_workload(kind, args, path, prompt_path, tok)

@@ -284,9 +284,10 @@ def _verify(src_model, out_dir: Path) -> float:
     dtype = next(src_model.parameters()).dtype
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype)
     ref, got = src_model.state_dict(), reloaded.state_dict()
-    # transformers < 5.2x decompresses into fake-quantized Linears that keep their quantization parameters
-    # (seen with 5.17: same weights, same logits); those extra keys are fine, any other difference is not.
-    extra = {k for k in set(got) - set(ref) if k.rsplit(".", 1)[-1] in _QPARAM_KEYS and k.rsplit(".", 1)[0] + ".weight" in ref}
+    # Older transformers (seen with 5.17) decompress into fake-quantized Linears that keep their quantization
+    # parameters (same weights, same logits); those extra keys are fine, any other difference is not.
+    extra = {k for k in set(got) - set(ref)
+             if k.rsplit(".", 1)[-1] in _QPARAM_KEYS and k.rsplit(".", 1)[0] + ".weight" in ref}
     if set(ref) != set(got) - extra:
         raise ExportError(f"the exported model has different tensors: {sorted(set(ref) ^ (set(got) - extra))[:4]}")
     worst = 0.0
