@@ -8,7 +8,7 @@ fp32 results are the reference, computed in the same test:
   - the block offload: a bf16 model on the host, each block solved on the GPU and sent back; every weight ends on
     the host in bf16, nothing stays on the GPU, and the result matches the CPU solve up to rounding chaos;
   - `compression=` through `ctp` on cuda (compress on the GPU, cache, reload) and ctp-train on cuda in fp32 and
-    bf16 (autocast); the compressed-tensors export loaded packed on the GPU scores like its fake-quant source.
+    bf16 (autocast); the compressed-tensors export, loaded on the GPU, scores like its fake-quant source.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_ctp_train_on_cuda(tiny_llama_dir, tmp_path, dtype):
     assert prompt.embeds.shape == (4, 64) and torch.isfinite(prompt.embeds).all()
 
 
-def test_export_runs_packed_on_the_gpu(tiny_llama_dir, calib, tmp_path):
+def test_export_loads_and_scores_on_the_gpu(tiny_llama_dir, calib, tmp_path):
     from lm_eval.api.instance import Instance
 
     from ctp_eval.compress.export import export_compressed
