@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
+from ctp_eval.prefix_attention import shared_prefix_pays
 from ctp_eval.prompt import PromptError, SoftPrompt, init_from_vocab, token_vectors
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,6 @@ class PromptTuner:
     method = "prompt"
 
     def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool | None = None):
-        from ctp_eval.prefix_attention import shared_prefix_pays
-
         self.model = model
         device = next(model.parameters()).device
         # fp32 master copy even for a bf16 model: updates of ~lr*1e-3 would vanish in bf16's 8-bit mantissa
