@@ -55,6 +55,7 @@ class CTPLM(HFLM):
         calib_seqlen: int | None = None,
         data_dir: str | None = None,
         prompt_mode: str = "cache",
+        compress_dtype: str | None = None,
         **kwargs,
     ) -> None:
         if prompt_mode not in PROMPT_MODES:
@@ -65,6 +66,8 @@ class CTPLM(HFLM):
         path = models.resolve_pretrained(pretrained)
         self.compression = str(compression) if compression not in (None, "", "none") else "none"
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        if compress_dtype and self.compression == "none":
+            raise ValueError("compress_dtype= is the dtype compression=SPEC runs and caches in; set compression= too")
         if self.compression != "none":
             from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
 
@@ -73,9 +76,11 @@ class CTPLM(HFLM):
             # data_dir (also read by the ctp_* tasks from the merged model args) is ours, never HFLM's.
             # HFLM's own device / dtype (default "auto": the checkpoint's) say where and in what to compress;
             # a device this machine lacks falls back as in HFLM (lm-eval's CLI sends cuda:0 even without a GPU).
+            # compress_dtype compresses (and caches) in another dtype than the evaluation's, e.g. scoring an fp32
+            # build in bf16: HFLM then casts the loaded build, and results keep that build's fingerprint.
             path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib), data_dir=data_dir,
                                      device=models.resolve_device(kwargs["device"], fallback=True),
-                                     dtype=kwargs.get("dtype", "auto"))
+                                     dtype=compress_dtype or kwargs.get("dtype", "auto"))
         else:  # a saved compressed checkpoint passed as pretrained= records its own spec
             from ctp_eval.compress import read_compression_info
 

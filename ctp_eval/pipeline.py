@@ -105,6 +105,10 @@ class BenchConfig:
     compress_device: str = field(default="auto", metadata=_m(
         "where compression solves each block (auto: cuda if available, else cpu); the model stays on the host"))
     eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
+    mc_dtype: str | None = field(default=None, metadata=_m(
+        "dtype of the multiple-choice evaluations (default: --dtype); another one scores the same --dtype "
+        "compression builds (lm-eval compress_dtype=), e.g. bfloat16 halves the CPU time of a large MC pass"))
+    mc_batch_size: int | None = field(default=None, metadata=_m("lm-eval batch size of the MC tasks (default: --eval-batch-size)"))
     max_length: int | None = field(default=None, metadata=_m(
         "lm-eval max_length model arg (model window incl. prompt); >= 1024 + k for the PPL tasks. Smaller windows "
         "make lm-eval's standard word/byte perplexity (long rolling windows) much cheaper on CPU"))
@@ -153,6 +157,8 @@ class BenchConfig:
         if self.recipe and slug(self.recipe) != self.recipe:
             raise ValueError(f"--recipe {self.recipe!r}: use lowercase letters, digits and dashes")
         self.train_dtype = self.train_dtype or self.dtype
+        self.mc_dtype = self.mc_dtype or self.dtype
+        self.mc_batch_size = self.mc_batch_size or self.eval_batch_size
 
     @property
     def prompt_tag(self) -> str:
@@ -258,10 +264,13 @@ class Runner:
             if any(dest.rglob("results_*.json")):
                 print(f"[ctp-bench] skip eval {name} {part}: results exist", flush=True)
                 continue
-            extra = f"dtype={cfg.dtype}" + (f",max_length={cfg.max_length}" if cfg.max_length else "")
+            dtype, batch = (cfg.dtype, cfg.eval_batch_size) if part == "ppl" else (cfg.mc_dtype, cfg.mc_batch_size)
+            extra = f"dtype={dtype}" + (f",max_length={cfg.max_length}" if cfg.max_length else "")
+            if dtype != cfg.dtype and "compression=" in model_args:  # score the build the PPL rows and prompts used
+                extra += f",compress_dtype={cfg.dtype}"
             full_args = ",".join(a for a in (model_args, extra) if a)
             cmd = [_bin("lm_eval"), "--model", "ctp", "--model_args", full_args,
-                   "--tasks", tasks, "--batch_size", str(cfg.eval_batch_size), "--output_path", str(dest)]
+                   "--tasks", tasks, "--batch_size", str(batch), "--output_path", str(dest)]
             if limit is not None:
                 cmd += ["--limit", f"{limit:g}"]
             if part == "ppl" and not cfg.standard_ppl:

@@ -197,6 +197,24 @@ def test_compression_spec_compresses_on_load_caches_and_records(tiny_llama_dir, 
         ctp(tiny_llama_dir, compression="gptq:w99")
 
 
+def test_compress_dtype_scores_another_dtypes_build(tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import DATA_DIR
+
+    monkeypatch.setenv("CTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
+    fp32 = ctp(tiny_llama_dir, compression="gptq:w2", calib_nsamples=4, calib_seqlen=32)
+    cached = sorted((tmp_path / "cache" / "compressed").iterdir())
+    half = CTPLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="bfloat16", compress_dtype="float32",
+                 compression="gptq:w2", calib_nsamples=4, calib_seqlen=32, batch_size=2)
+    assert sorted((tmp_path / "cache" / "compressed").iterdir()) == cached  # the fp32 build, not a bf16 one
+    assert half.compression_build == fp32.compression_build
+    w16 = half.model.model.layers[0].mlp.down_proj.weight
+    assert w16.dtype == torch.bfloat16
+    assert torch.equal(w16, fp32.model.model.layers[0].mlp.down_proj.weight.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="compress_dtype"):
+        ctp(tiny_llama_dir, compress_dtype="float32")
+
+
 def test_data_dir_model_arg_is_not_passed_to_transformers(tiny_llama_dir, tmp_path):
     lm = ctp(tiny_llama_dir, data_dir=str(tmp_path))  # HFLM would hand an unknown kwarg to from_pretrained
     assert lm.k == 0

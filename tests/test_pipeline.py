@@ -59,6 +59,15 @@ def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
     assert hella and all("--limit 1000" in line for line in hella)
     assert full and all("--limit" not in line for line in full)
     assert all("dtype=float32" in line for line in plan if "lm_eval" in line)  # evaluation keeps --dtype
+    main(["--out", str(tmp_path), "--specs", "gptq:w4", "--mc-tasks", "ctp_piqa", "--mc-dtype", "bfloat16",
+          "--mc-batch-size", "32", "--no-hard-prompt", "--dry-run"])
+    evals = [line for line in capsys.readouterr().out.splitlines() if "lm_eval" in line]
+    mc, ppl = [e for e in evals if "ctp_piqa" in e], [e for e in evals if "ctp_piqa" not in e]
+    assert len(mc) == 3 and len(ppl) == 3  # dense, no prompt, learned
+    assert all("dtype=bfloat16" in e and "--batch_size 32" in e for e in mc)
+    # compressed rows score the float32 build their PPL rows and prompts used; the dense row has no build
+    assert ["compress_dtype=float32" in e for e in mc] == [False, True, True]
+    assert all("dtype=float32" in e and "compress_dtype" not in e and "--batch_size 4" in e for e in ppl)
     with pytest.raises(ValueError, match="mc-task-limits"):
         BenchConfig(mc_task_limits="ctp_c4=3")
     for changed in (dict(lr=0.01), dict(seed=1)):  # another result, so it must not take the paper-recipe name
