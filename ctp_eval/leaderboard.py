@@ -63,8 +63,10 @@ def main_mc_limits(runs: list[Run]) -> dict[str, float | None]:
 
 
 def _subset_label(task: str, limit: float | None, runs: list[Run]) -> str:
-    """E.g. "PIQA (all 1,838)" or "HellaSwag (first 1,000)", from lm-eval's recorded document counts."""
+    """E.g. "PIQA (all 1,838)" or "HellaSwag (first 1,000; bfloat16)", from lm-eval's recorded document counts
+    and the evaluations' dtype where it is not float32 (the leaderboards' default)."""
     scores = [s for r in runs for (t, lim), s in r.mc.items() if t == task and lim == limit]
+    dtypes = sorted({s.dtype for s in scores if s.dtype})
     docs = max((s.docs for s in scores if s.docs), default=None)
     total = max((s.total for s in scores if s.total), default=None)
     if docs is None:
@@ -73,6 +75,8 @@ def _subset_label(task: str, limit: float | None, runs: list[Run]) -> str:
         what = f"all {docs:,}"
     else:
         what = f"first {docs:,}"
+    if dtypes and dtypes != ["float32"]:
+        what += "; " + " / ".join(dtypes)
     return f"{MC_TASKS[task]} ({what})"
 
 

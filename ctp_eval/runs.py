@@ -31,6 +31,7 @@ class MCScore:
     stderr: float | None = None
     docs: int | None = None  # documents scored (lm-eval's n-samples "effective")
     total: int | None = None  # documents in the task ("original")
+    dtype: str | None = None  # the evaluation's dtype= model arg (None: not given, the checkpoint's own)
 
 
 @dataclass
@@ -116,6 +117,10 @@ def read_run(path: Path, root: Path | None = None) -> Run:
     )
     tasks = sorted(res.get("results", {}))
     limit = cfg.get("limit")
+    model_args = cfg.get("model_args", "")
+    if isinstance(model_args, dict):
+        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    dtype = dict(a.split("=", 1) for a in model_args.split(",") if "=" in a).get("dtype")
     for task in tasks:
         r = res["results"][task]
         if task in PPL_TASKS and "token_perplexity,none" in r:
@@ -127,10 +132,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
             se = r.get("acc_norm_stderr,none")
             n = (res.get("n-samples") or {}).get(task) or {}
             run.mc[(task, limit)] = MCScore(float(r["acc_norm,none"]), float(se) if isinstance(se, (int, float)) else None,
-                                            n.get("effective"), n.get("original"))
-    model_args = cfg.get("model_args", "")
-    if isinstance(model_args, dict):
-        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+                                            n.get("effective"), n.get("original"), dtype)
     command = f"lm_eval --model ctp --model_args {model_args} --tasks {','.join(tasks)}" + (
         f" --limit {limit:g}" if isinstance(limit, (int, float)) else ""
     )

@@ -215,6 +215,11 @@ def test_mc_subsets_never_share_a_column(tmp_path):
     mc_result("w3-100", "gptq:w3g128", 0.60, 100, 100, 1838, 1_790_000_000.0)
     mc_result("w3-all", "gptq:w3g128", 0.58, None, 1838, 1838, 1_790_000_100.0)
     mc_result("s50-100", "sparsegpt:0.5", 0.55, 100, 100, 1838, 1_790_000_000.0)
+    for name in ("dense-all", "w3-all"):  # the full-subset runs were bf16 evaluations: their header says so
+        path = d / name / f"results_{name}.json"
+        res = json.loads(path.read_text())
+        res["config"]["model_args"] += ",compress_dtype=float32,dtype=bfloat16"
+        path.write_text(json.dumps(res))
     runs = load_runs([d])
     headers, rows = main_table(runs)
     assert [r[:2] for r in rows] == [["dense", "70.0 ± 5.0"], ["gptq:w3g128, no prompt", "60.0 ± 5.0"],
@@ -222,6 +227,6 @@ def test_mc_subsets_never_share_a_column(tmp_path):
     text = write_leaderboard([d], tmp_path / "lb.md", title="T", plots=False).read_text()
     assert "PIQA --limit 100" in text
     other = text.split("## Multiple choice on other subsets")[1].split("\n## ")[0]
-    assert "PIQA (all 1,838) acc_norm %" in other
+    assert "PIQA (all 1,838; bfloat16) acc_norm %" in other
     lines = [[c.strip() for c in line.split("|")[1:-1]] for line in other.splitlines() if line.startswith("| ")]
     assert lines[1:] == [["dense", "64.0 ± 1.0"], ["gptq:w3g128, no prompt", "58.0 ± 1.0"]]  # no sparsegpt row
