@@ -107,7 +107,7 @@ class BenchConfig:
     eval_batch_size: int = field(default=4, metadata=_m("lm-eval batch size"))
     mc_dtype: str | None = field(default=None, metadata=_m(
         "dtype of the multiple-choice evaluations (default: --dtype); another one scores the same --dtype "
-        "compression builds (lm-eval compress_dtype=), e.g. bfloat16 halves the CPU time of a large MC pass"))
+        "compression builds (lm-eval compress_dtype=), e.g. bfloat16 on a GPU for a large MC pass"))
     mc_batch_size: int | None = field(default=None, metadata=_m("lm-eval batch size of the MC tasks (default: --eval-batch-size)"))
     max_length: int | None = field(default=None, metadata=_m(
         "lm-eval max_length model arg (model window incl. prompt); >= 1024 + k for the PPL tasks. Smaller windows "
