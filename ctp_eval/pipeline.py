@@ -266,7 +266,7 @@ class Runner:
                 continue
             dtype, batch = (cfg.dtype, cfg.eval_batch_size) if part == "ppl" else (cfg.mc_dtype, cfg.mc_batch_size)
             extra = f"dtype={dtype}" + (f",max_length={cfg.max_length}" if cfg.max_length else "")
-            if dtype != cfg.dtype and "compression=" in model_args:  # score the build the PPL rows and prompts used
+            if dtype != cfg.dtype and not dense:  # score the build the PPL rows and prompts used
                 extra += f",compress_dtype={cfg.dtype}"
             full_args = ",".join(a for a in (model_args, extra) if a)
             cmd = [_bin("lm_eval"), "--model", "ctp", "--model_args", full_args,

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm_eval.utils import simple_parse_args_string
+
 PPL_TASKS = {"ctp_c4": "C4", "ctp_wikitext2": "WikiText-2", "ctp_ptb": "PTB"}
 MC_TASKS = {
     "ctp_openbookqa": "OBQA",
@@ -118,9 +120,10 @@ def read_run(path: Path, root: Path | None = None) -> Run:
     tasks = sorted(res.get("results", {}))
     limit = cfg.get("limit")
     model_args = cfg.get("model_args", "")
+    args = model_args if isinstance(model_args, dict) else simple_parse_args_string(model_args)
+    dtype = args.get("dtype")
     if isinstance(model_args, dict):
         model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    dtype = dict(a.split("=", 1) for a in model_args.split(",") if "=" in a).get("dtype")
     for task in tasks:
         r = res["results"][task]
         if task in PPL_TASKS and "token_perplexity,none" in r:
