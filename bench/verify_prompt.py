@@ -26,7 +26,7 @@ def main() -> None:
 
     from ctp_eval import models, ppl
     from ctp_eval.compress import CalibConfig, ensure_compressed
-    from ctp_eval.compress.io import build_id
+    from ctp_eval.compress.io import build_id, read_compression_info
     from ctp_eval.prompt import SoftPrompt
 
     prompt = SoftPrompt.load(args.prompt)
@@ -42,7 +42,10 @@ def main() -> None:
     print(f"prompt {args.prompt}: {meta.compression}, calibration {calib}, build {build}"
           + (f" (prompt trained on build {trained_on})" if trained_on else ""))
     if trained_on and trained_on != build:
-        print("WARNING: the rebuilt model is not the build the prompt was trained on")
+        kernels = (read_compression_info(path) or {}).get("compress_kernels", "unrecorded kernels")
+        print("WARNING: the rebuilt model is not the build the prompt was trained on. Solves are deterministic "
+              f"on one kernel set only (this rebuild: {kernels}); a build made on an AVX2 CPU is reproduced on an "
+              "AVX-512 one with ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 (delete the cached rebuild first)")
 
     def score(model_path, embeds=None) -> float:
         model, tok = models.load_model_and_tokenizer(model_path)

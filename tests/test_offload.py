@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,6 +124,7 @@ def test_bf16_checkpoint_is_solved_in_fp32_and_saved_in_bf16(bf16_llama_dir, cal
     assert seen and {w for w, _ in seen} == {torch.float32} and {h for _, h in seen} == {torch.float32, None}
     info = cio.read_compression_info(out)
     assert info["dtype"] == "bfloat16" and info["compress_device"] == "cpu"
+    assert info["compress_kernels"].split(",")[0] == torch.backends.cpu.get_cpu_capability()
     tensors = load_file(f"{out}/model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     # every stored weight is its fp32 grid value rounded to bf16 (what packed export relies on)
@@ -296,3 +301,13 @@ def test_stock_lm_eval_cli_compresses_in_the_asked_dtype(tiny_llama_dir, tmp_pat
     info = cio.read_compression_info(entry)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert info["dtype"] == "bfloat16" and info["compress_device"].startswith(expected)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 kernel-set names")
+def test_compress_kernels_name_the_kernel_set_the_solves_ran_on():
+    # builds differ across kernel sets (AVX-512 vs AVX2 vs GPU), so the record must follow what torch dispatches
+    # to, not what the CPU could do: forcing the portable kernels must show up in it
+    code = "from ctp_eval.compress.io import compute_kernels; print(compute_kernels('cpu'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "DEFAULT, MKL_CBWR=COMPATIBLE"

@@ -225,7 +225,8 @@ def ensure_compressed(
         save_compressed(
             model, tokenizer, tmp, spec=spec, base_model=base, calibration=calibration, options=options,
             stats=stats, qparams=qparams,
-            extra={"cache_key": key, "base_model_path": identity, "compress_device": str(work)},
+            extra={"cache_key": key, "base_model_path": identity, "compress_device": str(work),
+                   "compress_kernels": compute_kernels(work)},
         )
         os.replace(tmp, target)
     except OSError:
@@ -233,6 +234,23 @@ def ensure_compressed(
         if not (target / INFO_FILE).is_file():  # lost a race to another process: fine if it finished
             raise
     return str(target)
+
+
+def compute_kernels(device) -> str:
+    """What the solves' floating point ran on: the GPU's name, or the CPU kernel set torch dispatched to.
+
+    GPTQ / SparseGPT builds are deterministic on one kernel set but not across them (an AVX-512 CPU, an AVX2
+    one and a GPU round differently, and at low bits the solves amplify that): recorded so that a rebuild
+    that does not match its build id can say why. On CPU, `ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2` makes an
+    AVX-512 machine reproduce an AVX2 machine's build.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        cbwr = os.environ.get("MKL_CBWR")
+        return torch.backends.cpu.get_cpu_capability() + (f", MKL_CBWR={cbwr}" if cbwr else "")
+    return device.type
 
 
 def build_id(path: str | os.PathLike) -> str:
