@@ -155,12 +155,20 @@ def transfer_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[str
                 + [fmt_ppl(next((r.values.get(task) for r in runs if r.kind == "none" and r.compression == x
                                  and r.build == b), None)) for x in evaluated] for b in builds]
         for a, recipe in sources:
-            cells = [fmt_ppl(next((r.values.get(task) for r in learned
-                                   if r.trained_on == a and r.recipe == recipe and r.compression == b), None))
-                     for b in evaluated]
+            cells = [_transfer_cell([r for r in learned if r.trained_on == a and r.recipe == recipe
+                                     and r.compression == b], task) for b in evaluated]
             rows.append([a + ("" if recipe == "paper" else f" (recipe {recipe})")] + cells)
         out.append((task, headers, rows))
     return out
+
+
+def _transfer_cell(results: list[Run], task: str) -> str:
+    """One prompt on one spec; scored on several builds of that spec (a rebuild on another machine), each value
+    is tagged with its build so that it is read against that build's no-prompt row."""
+    scored = sorted((r.build, r.values[task]) for r in results if r.values.get(task) is not None)
+    if len(scored) <= 1:
+        return fmt_ppl(scored[0][1] if scored else None)
+    return " / ".join(f"{fmt_ppl(v)} [{b or 'earlier'}]" for b, v in scored)
 
 
 def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:

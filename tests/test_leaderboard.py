@@ -230,3 +230,21 @@ def test_mc_subsets_never_share_a_column(tmp_path):
     assert "PIQA (all 1,838; bfloat16) acc_norm %" in other
     lines = [[c.strip() for c in line.split("|")[1:-1]] for line in other.splitlines() if line.startswith("| ")]
     assert lines[1:] == [["dense", "64.0 ± 1.0"], ["gptq:w3g128, no prompt", "58.0 ± 1.0"]]  # no sparsegpt row
+
+
+def test_transfer_cell_scored_on_two_builds_shows_both_tagged(tmp_path):
+    # a spec rebuilt elsewhere: its own prompt scored on both builds, each beside its build's no-prompt row
+    d = tmp_path / "results"
+    write_result(d, "dense", ppl={"ctp_c4": 20.0})
+    for b, none, own in (("aaaa1111", 40.0, 30.0), ("bbbb2222", 41.0, 31.5)):
+        write_result(d, f"w3-{b}", compression="gptq:w3g128", build=b, ppl={"ctp_c4": none})
+        write_result(d, f"w3-{b}-p", compression="gptq:w3g128", build=b, prompt="p.safetensors", k=100,
+                     recipe="r1", ppl={"ctp_c4": own})
+    write_result(d, "s50", compression="sparsegpt:0.5", build="cccc3333", ppl={"ctp_c4": 50.0})
+    write_result(d, "s50-from-w3", compression="sparsegpt:0.5", build="cccc3333", prompt="p.safetensors",
+                 trained_on="gptq:w3g128", k=100, recipe="r1", ppl={"ctp_c4": 45.0})
+    text = write_leaderboard([d], tmp_path / "lb.md", title="T", plots=False).read_text()
+    table = text.split("## Transfer across compression levels")[1].split("\n## ")[0]
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+                                  if line.startswith("| "))}
+    assert rows["gptq:w3g128 (recipe r1)"] == ["30.00 [aaaa1111] / 31.50 [bbbb2222]", "45.00"]
