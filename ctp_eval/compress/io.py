@@ -240,9 +240,9 @@ def compute_kernels(device) -> str:
     """What the solves' floating point ran on: the GPU's name, or the CPU kernel set torch dispatched to.
 
     GPTQ / SparseGPT builds are reproducible on one kernel set but not across them (an AVX-512 CPU rounds
-    differently from an AVX2 one, a GPU's kernels likely differ too, and low-bit solves amplify that): recorded so that a
-    rebuild that does not match its build id can say why. On CPU, `ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2`
-    lets an AVX-512 machine rebuild an AVX2 machine's compression.
+    differently from an AVX2 one, a GPU's kernels likely differ too, and low-bit solves amplify that):
+    recorded so that a rebuild that does not match its build id can say why. On CPU,
+    `ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2` lets an AVX-512 machine rebuild an AVX2 machine's compression.
     """
     device = torch.device(device)
     if device.type == "cuda":
