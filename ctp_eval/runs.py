@@ -120,10 +120,11 @@ def read_run(path: Path, root: Path | None = None) -> Run:
     tasks = sorted(res.get("results", {}))
     limit = cfg.get("limit")
     model_args = cfg.get("model_args", "")
-    args = model_args if isinstance(model_args, dict) else simple_parse_args_string(model_args)
+    if isinstance(model_args, dict):  # lm-eval's Python API records the dict it was given
+        args, model_args = model_args, ",".join(f"{k}={v}" for k, v in model_args.items())
+    else:
+        args = simple_parse_args_string(model_args)
     dtype = args.get("dtype")
-    if isinstance(model_args, dict):
-        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
     for task in tasks:
         r = res["results"][task]
         if task in PPL_TASKS and "token_perplexity,none" in r:

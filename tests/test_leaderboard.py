@@ -248,3 +248,15 @@ def test_transfer_cell_scored_on_two_builds_shows_both_tagged(tmp_path):
     rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
                                   if line.startswith("| "))}
     assert rows["gptq:w3g128 (recipe r1)"] == ["30.00 [aaaa1111] / 31.50 [bbbb2222]", "45.00"]
+
+
+def test_model_args_recorded_as_a_dict_give_dtype_and_command(tmp_path):
+    # lm-eval's Python API stores model_args as the dict it was given, the CLI as a string: both must read the same
+    d = tmp_path / "results"
+    path = write_result(d, "w3-bf16", compression="gptq:w3g128", mc={"ctp_piqa": (0.5, 0.01)})
+    res = json.loads(path.read_text())
+    res["config"]["model_args"] = {"compression": "gptq:w3g128", "dtype": "bfloat16"}
+    path.write_text(json.dumps(res))
+    (run,) = load_runs([d])
+    assert run.mc[("ctp_piqa", None)].dtype == "bfloat16"
+    assert "--model_args compression=gptq:w3g128,dtype=bfloat16 --tasks ctp_piqa" in run.files[0]["command"]
