@@ -47,14 +47,17 @@ def main() -> None:
               f"on one kernel set only (this rebuild: {kernels}); a build made on an AVX2 CPU is reproduced on an "
               "AVX-512 one with ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 (delete the cached rebuild first)")
 
-    def score(model_path, embeds=None) -> float:
+    def score(model_path, prompt=None) -> float:
+        from ctp_eval.prompt import prefix_embeds
+
         model, tok = models.load_model_and_tokenizer(model_path)
-        return ppl.perplexity(model, tok, args.corpus, "test", args.seqlen, embeds, batch_size=args.batch_size,
+        prefix = prefix_embeds(model, tok, prompt.embeds, prompt.meta.layout) if prompt is not None else None
+        return ppl.perplexity(model, tok, args.corpus, "test", args.seqlen, prefix, batch_size=args.batch_size,
                               limit_windows=args.limit_windows, progress=True).ppl
 
     dense = score(models.resolve_pretrained(base))
     compressed = score(path)
-    prompted = score(path, prompt.embeds)
+    prompted = score(path, prompt)
     gap = 100 * (compressed - prompted) / (compressed - dense) if not math.isclose(compressed, dense) else float("nan")
     print(f"{args.corpus} test, {args.seqlen}-token windows"
           + (f" (first {args.limit_windows})" if args.limit_windows else "")

@@ -30,6 +30,7 @@ import logging
 import os
 
 import torch
+from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
@@ -69,7 +70,8 @@ class CTPLM(HFLM):
         if compress_dtype and self.compression == "none":
             raise ValueError("compress_dtype= is the dtype compression=SPEC runs and caches in; set compression= too")
         if self.compression != "none":
-            from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
+            from ctp_eval.compress import CalibConfig
+            from ctp_eval.compress.host import compress_once_per_host, rank_device  # once per host, then cached
 
             calib = {k: v for k, v in (("dataset", calib_data), ("nsamples", calib_nsamples), ("seqlen", calib_seqlen))
                      if v is not None}
@@ -78,9 +80,10 @@ class CTPLM(HFLM):
             # a device this machine lacks falls back as in HFLM (lm-eval's CLI sends cuda:0 even without a GPU).
             # compress_dtype compresses (and caches) in another dtype than the evaluation's, e.g. scoring an fp32
             # build in bf16: HFLM then casts the loaded build, and results keep that build's fingerprint.
-            path = ensure_compressed(path, self.compression, calib=CalibConfig(**calib), data_dir=data_dir,
-                                     device=models.resolve_device(kwargs["device"], fallback=True),
-                                     dtype=compress_dtype or kwargs.get("dtype", "auto"))
+            # Data parallel (`accelerate launch -m lm_eval`): local rank 0 compresses on its own GPU, the others wait.
+            path = compress_once_per_host(path, self.compression, calib=CalibConfig(**calib), data_dir=data_dir,
+                                          device=rank_device(kwargs["device"]),
+                                          dtype=compress_dtype or kwargs.get("dtype", "auto"))
         else:  # a saved compressed checkpoint passed as pretrained= records its own spec
             from ctp_eval.compress import read_compression_info
 
@@ -99,18 +102,26 @@ class CTPLM(HFLM):
         self.hard_prompt = hard_prompt
         self.peft_path = kwargs.get("peft")  # a LoRA baseline adapter, loaded by HFLM itself
         self.soft_prompt = self._build_prompt(prompt, hard_prompt)
+        self.prompt_embeds = None  # (P, d) the whole prefix ([BOS] + prompt) on the model's device/dtype
+        self.absorb_id = None  # "after-bos": a text's own leading BOS is the prefix's (dropped from the text)
+        if self.soft_prompt is not None:
+            from ctp_eval.prompt import prefix_embeds
+
+            emb = self.model.get_input_embeddings().weight
+            embeds = prefix_embeds(self.model, self.tokenizer, self.soft_prompt.embeds, self.layout)
+            self.prompt_embeds = embeds.to(device=emb.device, dtype=emb.dtype)
+            if self.layout == "after-bos":
+                self.absorb_id = self.tokenizer.bos_token_id
         window = super().max_length
-        if self.k >= window:
+        if self.prefix_len >= window:
             raise ValueError(
-                f"the prompt has {self.k} positions but the model window is {window} tokens: nothing would be left "
-                "for text (use a shorter prompt or a larger max_length)"
+                f"the prompt takes {self.prefix_len} positions but the model window is {window} tokens: nothing "
+                "would be left for text (use a shorter prompt or a larger max_length)"
             )
-        self.prompt_embeds = None  # (k, d) on the model's device/dtype
         self.prefix_kv = None  # the prompt's transformers Cache (batch 1), copied for every generation batch
         self.prefix = None  # the prompt's per-layer keys/values for prompt-aware attention (prompt_mode=cache)
-        if self.soft_prompt is not None:
-            emb = self.model.get_input_embeddings().weight
-            self.prompt_embeds = self.soft_prompt.embeds.to(device=emb.device, dtype=emb.dtype)
+        self.prefix_logits = None  # (1, V) the prediction after the whole prefix: for texts whose BOS it absorbs
+        if self.prompt_embeds is not None:
             if prompt_mode != "prepend":
                 self.prefix_kv = compute_prefix_kv(self.model, self.prompt_embeds)
             if prompt_mode == "cache":
@@ -118,13 +129,23 @@ class CTPLM(HFLM):
 
                 with torch.no_grad():
                     self.prefix = prefix_attention.compute_prefix(self.model, self.prompt_embeds)
+            if self.absorb_id is not None:
+                with torch.no_grad(), self._autocast():
+                    self.prefix_logits = self.model(inputs_embeds=self.prompt_embeds.unsqueeze(0)).logits[:, -1]
 
     # ----- prompt ---------------------------------------------------------------------------------------
     def _build_prompt(self, prompt: str | None, hard_prompt: str | None) -> SoftPrompt | None:
+        """The prompt's rows (hard tokens, then the learned prompt) and `self.layout`, where they sit: the
+        learned prompt's recorded layout; a hard prompt alone goes where real text would (after BOS when
+        requests start with one)."""
+        from ctp_eval.prompt import layout_for
+
         self._learned_prompt_params = 0  # only the loaded prompt is learned; hard-prompt rows are token embeddings
+        self.layout = "prompt-first"
         parts = []
         if hard_prompt:  # real tokens, as embeddings: identical to prepending the tokens themselves
             parts.append(SoftPrompt.from_text(hard_prompt, self.model, self.tokenizer))
+            self.layout = layout_for(self.tokenizer, self.add_bos_token)
         if prompt:
             soft = SoftPrompt.load(prompt)
             soft.check_compatible(self.model, self.tokenizer)
@@ -134,6 +155,10 @@ class CTPLM(HFLM):
                 )
             parts.append(soft)
             self._learned_prompt_params = soft.embeds.numel()
+            if soft.meta.layout == "after-bos":
+                self.layout = "after-bos"
+            elif self.layout == "after-bos":  # [BOS][hard][prompt-first prompt]: the hard text keeps its BOS
+                logger.info("hard prompt after BOS, then the learned prompt (recorded layout: prompt-first)")
         if not parts:
             return None
         if len(parts) == 1:
@@ -142,43 +167,70 @@ class CTPLM(HFLM):
 
     @property
     def k(self) -> int:
+        """Prompt rows (hard and learned): what results report as the prompt length."""
         return 0 if self.soft_prompt is None else self.soft_prompt.k
 
     @property
+    def prefix_len(self) -> int:
+        """Positions in front of the text: the prompt, plus BOS in the "after-bos" layout."""
+        return 0 if self.soft_prompt is None else self.k + (self.layout == "after-bos")
+
+    @property
     def max_length(self) -> int:
-        return super().max_length - self.k
+        return super().max_length - self.prefix_len
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
 
     # ----- forward paths --------------------------------------------------------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self.k == 0:
             return super()._model_call(inps, attn_mask, labels)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
-            # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
-            if self.prefix is not None:
-                from ctp_eval import prefix_attention
+        with torch.no_grad(), self._autocast():
+            if self.absorb_id is None:
+                return self._prefixed_logits(inps)
+            # "after-bos": a row that starts with BOS is [prefix][rest]; its first prediction is the one after
+            # the whole prefix (the same for every row). A row without BOS (truncated) gets the prefix's.
+            lead = inps[:, 0] == self.absorb_id
+            if not bool(lead.any()):
+                return self._prefixed_logits(inps)
+            rest = inps[lead, 1:]
+            parts = [self.prefix_logits.unsqueeze(1).expand(rest.shape[0], 1, -1)]  # (b, 1, V)
+            if rest.shape[1]:
+                parts.append(self._prefixed_logits(rest))
+            absorbed = torch.cat([x.to(parts[-1].dtype) for x in parts], dim=1)
+            if bool(lead.all()):
+                return absorbed
+            out = absorbed.new_empty(*inps.shape, absorbed.shape[-1])
+            out[lead] = absorbed
+            out[~lead] = self._prefixed_logits(inps[~lead]).to(out.dtype)
+            return out
 
-                return prefix_attention.forward_text(self.model, inps, self.prefix).logits
-            if self.prefix_kv is None:
-                from ctp_eval.prompt import forward_with_prompt
+    def _prefixed_logits(self, inps: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of the rows with the whole prefix in front, aligned to `inps` (prefix never scored)."""
+        # HFLM right-pads and passes no mask: causal attention keeps pads from affecting real tokens.
+        if self.prefix is not None:
+            from ctp_eval import prefix_attention
 
-                return forward_with_prompt(self.model, inps, self.prompt_embeds)
-            cache = prefix_cache(self.prefix_kv, inps.shape[0])  # prompt_mode=cache-plain
-            return self.model(input_ids=inps, past_key_values=cache, use_cache=True).logits
+            return prefix_attention.forward_text(self.model, inps, self.prefix).logits
+        if self.prefix_kv is None:
+            from ctp_eval.prompt import forward_with_prompt
+
+            return forward_with_prompt(self.model, inps, self.prompt_embeds)
+        cache = prefix_cache(self.prefix_kv, inps.shape[0])  # prompt_mode=cache-plain
+        return self.model(input_ids=inps, past_key_values=cache, use_cache=True).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if self.k == 0:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        bsz, k = context.shape[0], self.k
+        bsz, k = context.shape[0], self.prefix_len
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(context)
+        if self.absorb_id is not None:  # "after-bos": each row's own leading BOS is the prefix's; mask it out
+            first = torch.argmax(mask, dim=1, keepdim=True)  # (B, 1) left padding: the first real slot
+            mask = mask.scatter(1, first, (context.gather(1, first) != self.absorb_id).to(mask.dtype))
         padded = bool((mask == 0).any())
         mask = torch.cat([mask.new_ones(bsz, k), mask], dim=1)  # the prompt is always attended
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
@@ -238,8 +290,11 @@ class CTPLM(HFLM):
         out: list = [None] * len(requests)
         for i, res in zip(protocol, ppl.score_protocol_requests(self, [requests[i] for i in protocol])):
             out[i] = res
-        if rest:
-            for i, res in zip(rest, super().loglikelihood_rolling([requests[i] for i in rest], disable_tqdm)):
+        if rest or self.world_size > 1:
+            # HFLM's rolling pass all-gathers window counts across ranks: every rank must join it, so a rank
+            # holding only protocol requests runs one throwaway request through it.
+            reqs = [requests[i] for i in rest] or [Instance("loglikelihood_rolling", {}, ("ctp",), 0)]
+            for i, res in zip(rest, super().loglikelihood_rolling(reqs, disable_tqdm)):
                 out[i] = res
         return out
 

@@ -86,10 +86,10 @@ def model_id(pretrained: str | os.PathLike | None) -> str:
     p = str(pretrained)
     if os.path.isdir(p):
         cfg = Path(p) / "ctp_compression.json"
-        if cfg.is_file():
-            import json
+        if cfg.is_file():  # a compressed folder names its base model (a damaged record is refused there)
+            from ctp_eval.compress.io import read_compression_info
 
-            return json.loads(cfg.read_text()).get("base_model", Path(p).name)
+            return (read_compression_info(p) or {}).get("base_model", Path(p).name)
         embedded = default_cache_dir() / "models" / EMBEDDED_ID  # compare paths only: never convert here
         if embedded.exists() and Path(p).resolve() == embedded.resolve():
             return EMBEDDED_ID

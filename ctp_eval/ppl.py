@@ -152,6 +152,20 @@ def shard_bounds(n: int, n_shards: int, shard: int) -> tuple[int, int]:
     return shard * n // n_shards, (shard + 1) * n // n_shards
 
 
+def protocol_batch_size(lm, seqlen: int) -> int:
+    """Windows of `seqlen` tokens per forward: lm-eval's --batch_size, or with `auto` / `auto:N` the size HFLM's
+    own detection finds for that length (it starts at max_batch_size and halves on out-of-memory)."""
+    if isinstance(lm.batch_size, int):
+        return lm.batch_size
+    if str(lm.batch_size).startswith("auto") and hasattr(lm, "_detect_batch_size"):
+        # HFLM sizes a request (key, context, continuation) by the (context + continuation)[:-1] it forwards:
+        # seqlen + 1 ids give a (B, seqlen) test batch, the protocol's windows (through _model_call: prompt included).
+        bs = lm._detect_batch_size([(None, [1], [1] * seqlen)], 0)
+        logger.info("ctp_ppl: batch size %d for %d-token windows (lm-eval's detection)", bs, seqlen)
+        return bs
+    return 1
+
+
 def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
     """Responses for lm-eval `loglikelihood_rolling` requests whose doc carries a "ctp_ppl" spec.
 
@@ -185,13 +199,13 @@ def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
         by_seqlen.setdefault(seqlen, []).append((i, wins[lo:hi]))
 
     # Batch windows across requests (a shard may hold a single window), then total them per request.
-    bs = lm.batch_size if isinstance(lm.batch_size, int) else 1
     device = getattr(lm, "device", "cpu")
     nll = [0.0] * len(requests)
     n_tok = [0] * len(requests)
     for seqlen, parts in by_seqlen.items():
         owners = [i for i, w in parts for _ in range(len(w))]
         all_wins = torch.cat([w for _, w in parts])
+        bs = protocol_batch_size(lm, seqlen)
         per_window = window_nlls(lambda x: lm._model_call(x.to(device)), all_wins, batch_size=bs, progress=True)
         for i, value in zip(owners, per_window):
             nll[i] += value

@@ -27,13 +27,18 @@ Kernels for the split (`PromptPrefix.kernel`):
   * "concat" (public fallback, any device): one SDPA call with is_causal=True over [prompt keys][text keys], with k
     dummy query rows in front so that SDPA's upper-left causal diagonal lines up (row k+i sees keys 0..k+i).
     Exact and causal, but it copies q, k and v once per layer.
-  * "auto" (default): "lse" where the private op exists and applies (CPU, fp32/bf16, equal head dims), else "concat".
+  * "auto" (default): "lse" where the private op exists, applies (CPU, fp32/bf16, equal head dims) and passes its
+    self-check, else "concat".
   * "plain": every layer through the plain path below (the reference inside this machinery).
-Measured per attention call (SmolLM2-135M shapes: B=4, 9 heads / 3 kv heads, T=1024, k=100, fp32, 1 thread, a
-loaded 2-core CPU, so rough): text-only causal SDPA 191 ms, "lse" 230, "concat" 222, the explicit-mask SDPA of the
-old cache path 350, compiled flex_attention with a prefix-LM block mask 340 (2 threads). Forward + backward at
-T=256: text-only 61 ms, "lse" 91, "concat" 128, explicit mask 109. torch 2.13's compiled flex_attention on CPU
-supports inference only and no log-sum-exp, so it can neither train nor split; it is not used.
+Compiled flex_attention is not used: on CPU (torch 2.13) it supports inference only and returns no log-sum-exp, so
+it can neither train nor split.
+
+The private op's semantics (log-sum-exp base and layout, argument order, return values, grouped-query head
+indexing) are not a public contract, and older CPU kernels index K/V by query head. So before "lse" runs for a new
+(op, device, dtype, heads, kv heads, head dim), a tiny forward and backward of it is compared with public SDPA over
+[prompt keys][text keys] with an explicit mask (`_lse_verdict`); on any mismatch or exception "auto" uses "concat"
+(an explicit "lse" raises). The verdict is logged once and cached; forward and backward run the very ops it
+approved.
 
 Plain path, per layer (reported in `PromptPrefix.plain_layers` and logged once): [prompt keys][text keys]
 concatenated, with an explicit mask over absolute positions, through the model's own attention function. Used
@@ -198,10 +203,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return _plain(module, base_fn, base, query, key, value, pk, pv, k, attention_mask, window, causal,
                       dropout, scaling, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kernel == "auto":
-        kernel = "lse" if _lse_applies(query, key, value) else "concat"
-    if kernel == "lse":
-        return _LSEMerge.apply(query, key, value, pk, pv, scale), None
+    if kernel in ("auto", "lse"):
+        ops = _private_flash()  # fetched once: the verdict and both passes of _LSEMerge see these very ops
+        usable, why_not = _lse_verdict(ops, query, key, value)
+        if not usable and kernel == "lse":
+            raise RuntimeError(f"kernel='lse' cannot run here: {why_not}")
+        if usable:
+            return _LSEMerge.apply(query, key, value, pk, pv, scale, ops), None
     return _concat_causal(query, key, value, pk, pv, scale), None
 
 
@@ -274,16 +282,82 @@ def _private_flash():
 def shared_prefix_pays(device) -> bool:
     """Whether training should share the prompt's positions across rows on `device` (PromptTuner's default).
 
-    Only with the fused "lse" kernel (CPU): it saves the prompt's B-fold work (1.16x PEFT's step, issue 15). The
-    "concat" fallback re-copies q/k/v every layer and adds a batch-1 prompt pass; on an H200 (1B Llama shape,
-    bf16, 4 x 256, k=100) that step ran at 0.53x the speed of prepending the prompt to every row."""
+    Only where the fused "lse" kernel can run (CPU): it saves the prompt's B-fold work. The "concat" fallback
+    re-copies q/k/v every layer and adds a batch-1 prompt pass, which costs more than prepending the prompt."""
     return torch.device(device).type == "cpu" and _private_flash() is not None
 
 
-def _lse_applies(query, key, value) -> bool:
-    return (_private_flash() is not None and query.device.type == "cpu"
-            and query.dtype in (torch.float32, torch.bfloat16)
-            and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.shape[1] % key.shape[1] == 0)
+# (ops, device, dtype, heads, kv heads, head dim) -> (the fused kernel may run, why / why not)
+_VERDICTS: dict = {}
+
+
+def _lse_verdict(ops, query, key, value) -> tuple[bool, str]:
+    """Whether `ops` (torch's fused forward/backward) compute this layer's split exactly, and why (not).
+
+    Cached per key, so the self-check runs once per op, device, dtype and head layout; these fix the op's
+    semantics, the sequence lengths do not."""
+    if ops is None:
+        return False, "torch has no fused CPU flash-attention op"
+    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16):
+        return False, f"the fused op runs fp32/bf16 on CPU only, not {query.dtype} on {query.device.type}"
+    h, hkv, d = query.shape[1], key.shape[1], query.shape[-1]
+    if d != key.shape[-1] or d != value.shape[-1] or h % hkv:
+        return False, "head dims differ or heads are not a multiple of kv heads"
+    cache_key = (ops, query.device, query.dtype, h, hkv, d)
+    verdict = _VERDICTS.get(cache_key)
+    if verdict is None:
+        verdict = _VERDICTS[cache_key] = _self_check(ops, query.device, query.dtype, h, hkv, d)
+        layout = f"{query.dtype} on {query.device}, {h} heads / {hkv} kv heads of dim {d}"
+        log = logger.info if verdict[0] else logger.warning
+        log("prompt-aware attention: %s kernel for %s (%s)", "fused 'lse'" if verdict[0] else "public 'concat'",
+            layout, verdict[1])
+    return verdict
+
+
+def _self_check(ops, device, dtype, h, hkv, d) -> tuple[bool, str]:
+    """A tiny forward + backward of `_LSEMerge` through `ops` against public SDPA on the same inputs."""
+    b, t, k, scale = 2, 5, 3, d ** -0.5
+    gen = torch.Generator().manual_seed(0)  # private RNG: the check must not move the caller's
+
+    def rand(*shape, transpose=True):  # transformers' layout: (B, T, H, D) memory viewed as (B, H, T, D)
+        x = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return x.transpose(1, 2) if transpose else x
+
+    # the real call may run under no_grad / inference_mode / autocast; the check needs grad and its own dtype
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        inputs = [rand(b, t, h, d), rand(b, t, hkv, d), rand(b, t, hkv, d), rand(1, k, hkv, d), rand(1, k, hkv, d)]
+        inputs = [x.requires_grad_() for x in inputs]
+        grad_out = rand(b, t, h, d, transpose=False)  # (B, T, H, D)
+        try:
+            got = _LSEMerge.apply(*inputs, scale, ops)
+            got_grads = torch.autograd.grad(got, inputs, grad_out)
+        except Exception as e:  # a missing overload, a changed signature or return tuple, a kernel error
+            return False, f"fused op raised {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        ref = [x.detach().float().requires_grad_() for x in inputs]
+        want = _masked_reference(*ref, scale)
+        want_grads = torch.autograd.grad(want, ref, grad_out.float())
+    # relative to each tensor's largest entry: bf16 rounding stays near 1e-2, while a semantic slip (a wrong head,
+    # log-sum-exp base or layout) errs by a tenth of the values or more
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, w in zip(("output", "dq", "dk_text", "dv_text", "dk_prompt", "dv_prompt"),
+                          (got, *got_grads), (want, *want_grads)):
+        if g is None or g.shape != w.shape:
+            shape = None if g is None else tuple(g.shape)
+            return False, f"self-check: {name} has shape {shape}, want {tuple(w.shape)}"
+        err = ((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
+        if not err <= tol:  # also catches NaN
+            return False, f"self-check: {name} differs from public SDPA by {err:.2g} of its scale (tolerance {tol:g})"
+    return True, "self-check against public SDPA passed"
+
+
+def _masked_reference(q, kt, vt, kp, vp, scale) -> torch.Tensor:
+    """Public SDPA over [prompt keys][text keys] with the explicit (T, k+T) mask, kv heads repeated: (B, T, H, D)."""
+    b, h, t, _ = q.shape
+    k, rep = kp.shape[2], h // kt.shape[1]
+    keys = torch.cat([kp.expand(b, -1, -1, -1), kt], 2).repeat_interleave(rep, 1)
+    values = torch.cat([vp.expand(b, -1, -1, -1), vt], 2).repeat_interleave(rep, 1)
+    mask = torch.ones(t, k + t, dtype=torch.bool, device=q.device).tril(k)  # text row i: the prompt and text 0..i
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
@@ -300,9 +374,9 @@ class _LSEMerge(torch.autograd.Function):
     """Causal attention over the text + unmasked attention over the prompt, merged by log-sum-exp ("lse" kernel)."""
 
     @staticmethod
-    def forward(ctx, q, kt, vt, kp, vp, scale):
-        # q (B, H, T, D); kt, vt (B, Hkv, T, D); kp, vp (1, Hkv, k, D)
-        fwd, _ = _private_flash()
+    def forward(ctx, q, kt, vt, kp, vp, scale, ops):
+        # q (B, H, T, D); kt, vt (B, Hkv, T, D); kp, vp (1, Hkv, k, D); ops: the (forward, backward) fused ops
+        fwd, _ = ops
         b, h, t, d = q.shape
         o_t, l_t = fwd(q, kt, vt, 0.0, True, scale=scale)  # (B, H, T, D), (B, H, T) fp32
         o_p, l_p = fwd(_fold(q), kp, vp, 0.0, False, scale=scale)  # (1, H, B*T, D), (1, H, B*T)
@@ -315,7 +389,7 @@ class _LSEMerge(torch.autograd.Function):
             out.transpose(1, 2).copy_(torch.lerp(o_p.float(), o_t.float(), w))
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(q, kt, vt, kp, vp, out, torch.logaddexp(l_t, l_p))
-        ctx.scale = scale
+        ctx.scale, ctx.ops = scale, ops  # backward runs the ops the forward ran, whatever _private_flash says by then
         return out  # (B, T, H, D)
 
     @staticmethod
@@ -323,7 +397,7 @@ class _LSEMerge(torch.autograd.Function):
         # The flash backward of each part, given the *merged* output and log-sum-exp, yields that part's exact
         # share of the gradient (its probabilities are exp(s - lse) of the full softmax); dq is their sum.
         q, kt, vt, kp, vp, out, lse = ctx.saved_tensors
-        _, bwd = _private_flash()
+        _, bwd = ctx.ops
         b, h, t, _d = q.shape
         do, o = grad_out.transpose(1, 2), out.transpose(1, 2)  # (B, H, T, D)
         dq = dkt = dvt = dkp = dvp = None
@@ -333,7 +407,7 @@ class _LSEMerge(torch.autograd.Function):
             lse1 = lse.transpose(0, 1).reshape(1, h, b * t)
             dq1, dkp, dvp = bwd(_fold(do), _fold(q), kp, vp, _fold(o), lse1, 0.0, False, scale=ctx.scale)
             dq = _unfold(dq1, b) if dq is None else dq + _unfold(dq1, b)
-        return dq, dkt, dvt, dkp, dvp, None
+        return dq, dkt, dvt, dkp, dvp, None, None
 
 
 def _concat_causal(q, kt, vt, kp, vp, scale) -> torch.Tensor:

@@ -5,7 +5,14 @@ File format (defined here and nowhere else), a single safetensors file:
   metadata (safetensors string map):
     "format": "pt", "ctp_format": "ctp-soft-prompt", "ctp_format_version": "1",
     "ctp_metadata": JSON of `PromptMetadata` (base model, hidden size, vocab size, tokenizer fingerprint,
-                    compression spec, training data, steps, seed, val PPL before/after, package version, ...)
+                    compression spec, layout, training data, steps, seed, val PPL before/after, version, ...)
+
+Layout (`PromptMetadata.layout`, the one definition of where a prompt sits; `prefix_embeds` builds it):
+  "prompt-first" - [prompt][text]: files without the field, PEFT adapters (virtual tokens first), and every
+                   prompt trained with a tokenizer that adds no BOS (SmolLM2).
+  "after-bos"    - [BOS][prompt][text]: prompts trained with a tokenizer that adds BOS (Llama, Mistral, Gemma),
+                   whose real inputs start with BOS. A text that starts with BOS itself has it absorbed (the
+                   prefix already holds it); a text without one (a training window, a truncated request) gets it.
 
 Interop: a PEFT PromptTuning adapter folder (`adapter_config.json` + `adapter_model.safetensors` holding
 `prompt_embeddings`) can be read and written; our metadata rides along in the adapter file's safetensors
@@ -34,6 +41,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
+LAYOUTS = ("prompt-first", "after-bos")
+
+
 class PromptError(ValueError):
     """A prompt file is unreadable or does not fit the model it is used with."""
 
@@ -45,6 +55,7 @@ class PromptMetadata:
     vocab_size: int = 0
     tokenizer_fingerprint: str = ""
     compression: str = "none"  # spec the prompt was trained on (ctp_eval.compress spec syntax)
+    layout: str = "prompt-first"  # where the prompt sits (LAYOUTS; module docstring); absent in older files
     calibration: dict | None = None  # that compression's calibration: dataset, split, nsamples, seqlen, seed, source
     init: str = ""  # vocab | random | text:...
     train_data: str = ""
@@ -223,6 +234,13 @@ class SoftPrompt:
         from peft import PromptTuningConfig
         from safetensors.torch import save_file
 
+        if self.meta.layout != "prompt-first":
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "this prompt was trained %s; PEFT itself puts virtual tokens before BOS. `ctp` reads the recorded "
+                "layout back from the adapter and applies it as trained", self.meta.layout)
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg_kwargs = {}
@@ -270,6 +288,39 @@ class SoftPrompt:
         if not prompt.meta.base_model and cfg.get("base_model_name_or_path"):
             prompt.meta.base_model = cfg["base_model_name_or_path"]
         return prompt
+
+
+def tokenizer_adds_bos(tokenizer, add_bos_token: bool | None = None) -> bool:
+    """Whether real inputs start with BOS: `add_bos_token` when given (lm-eval's HFLM arg), else what the
+    tokenizer itself does to a plain text."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if add_bos_token is not None:
+        return bool(add_bos_token)
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+def layout_for(tokenizer, add_bos_token: bool | None = None) -> str:
+    """The layout a prompt trained or applied with this tokenizer uses: after BOS where inputs start with one."""
+    return "after-bos" if tokenizer_adds_bos(tokenizer, add_bos_token) else "prompt-first"
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise PromptError(f"unknown prompt layout {layout!r} (this ctp-eval knows {LAYOUTS})")
+    return layout
+
+
+def prefix_embeds(model, tokenizer, prompt: torch.Tensor, layout: str) -> torch.Tensor:
+    """(P, d) what goes in front of the text: `prompt` (k, d) itself, or [BOS vector; prompt] for "after-bos"
+    (P = k + 1). Differentiable in `prompt` (training builds its prefix here too); the BOS row is the model's own
+    embedding of the token, as any real token's."""
+    if check_layout(layout) == "prompt-first":
+        return prompt
+    bos = token_vectors(model, torch.tensor([tokenizer.bos_token_id]))  # (1, d)
+    return torch.cat([bos.to(device=prompt.device, dtype=prompt.dtype), prompt])
 
 
 def token_vectors(model, ids: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def build_tuner(model, tokenizer, cfg: TrainConfig, train_windows=None):
     if cfg.method == "lora":
         return tuners.LoraTuner(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()], cfg.loss_chunk)
+    from ctp_eval.prompt import layout_for
+
     init = tuners.init_prompt(model, tokenizer, cfg.init, cfg.k, cfg.seed, train_windows=train_windows)
-    return tuners.PromptTuner(model, init, cfg.loss_chunk)
+    return tuners.PromptTuner(model, init, cfg.loss_chunk, tokenizer=tokenizer, layout=layout_for(tokenizer))
 
 
 def make_optimizer(tuner, cfg: TrainConfig):
@@ -136,10 +138,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt = _prepare_out(cfg, out, dist, identity)
     model, tokenizer, compression = trainsetup.load_model(cfg, dist.device)
     limit = getattr(model.config, "max_position_embeddings", None)
-    need = max(cfg.seqlen, cfg.val_seqlen) + (cfg.k if cfg.method == "prompt" else 0)
+    from ctp_eval.prompt import layout_for
+
+    prefix_len = (cfg.k + (layout_for(tokenizer) == "after-bos")) if cfg.method == "prompt" else 0  # + BOS
+    need = max(cfg.seqlen, cfg.val_seqlen) + prefix_len
     if limit is not None and need > limit:
-        raise TrainError(f"max(seqlen {cfg.seqlen}, val_seqlen {cfg.val_seqlen}) + k {cfg.k} = {need} exceeds the "
-                         f"model's {limit} positions")
+        raise TrainError(f"max(seqlen {cfg.seqlen}, val_seqlen {cfg.val_seqlen}) + prefix {prefix_len} = {need} "
+                         f"exceeds the model's {limit} positions")
     wins = ppl.windows(data.token_stream(tokenizer, cfg.data, cfg.data_split, cfg.data_dir), cfg.seqlen)  # (N, T)
     global_batch = cfg.batch_size * dist.world
     if len(wins) < global_batch:
@@ -149,6 +154,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     layout = dict(world=dist.world, global_batch=global_batch, n_windows=len(wins),
                   source=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir),
                   stream_sha256=trainutil.stream_hash(wins))
+    if cfg.method == "prompt":  # where the prompt sits changes the objective: a resume must keep it
+        from ctp_eval.prompt import layout_for
+
+        layout["prompt_layout"] = layout_for(tokenizer)
     if ckpt is not None:
         _check_layout(ckpt.get("data", {}), layout)
     torch.manual_seed(cfg.seed)  # global RNG: LoRA init, identical on every rank
@@ -158,11 +167,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)  # per rank from here on: dropout masks differ across ranks
     optimizer, scheduler = make_optimizer(tuner, cfg)
     objective = Objective(cfg.loss, cfg.kd_weight)
+    if ckpt is not None:  # before loading the teacher: refusing costs nothing
+        _check_teacher(ckpt, trainsetup.teacher_identity(cfg, identity, tokenizer) if objective.uses_teacher else None)
     teacher = trainsetup.load_teacher(cfg, identity, tokenizer, dist, wins) if objective.uses_teacher else None
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" and dist.device.type == "cuda" else None)
     meta = dict(base_model=identity["base_model"], compression=compression, calibration=identity["calibration"],
                 init=cfg.init if cfg.method == "prompt" else "", train_data=layout["source"], seed=cfg.seed,
+                layout=layout.get("prompt_layout", "prompt-first"),
                 seqlen=cfg.seqlen, val_seqlen=cfg.val_seqlen, loss=cfg.loss, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                 val_data=data.corpus_source(cfg.val_data, "validation", cfg.data_dir))
     extra = dict(method=cfg.method, k=cfg.k if cfg.method == "prompt" else None, lr=cfg.lr, batch_size=global_batch,
@@ -207,7 +219,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if dist.rank == 0:
             trainutil.save_checkpoint(out / "checkpoint", dict(
                 tuner=tuner.state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                best=best_state, run=dataclasses.asdict(st), rng=rngs, data=layout, model_identity=identity))
+                best=best_state, run=dataclasses.asdict(st), rng=rngs, data=layout, model_identity=identity,
+                teacher_identity=teacher.identity if teacher else None))
 
     from tqdm.auto import tqdm
 
@@ -309,10 +322,21 @@ def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
 
 def _check_layout(saved: dict, now: dict) -> None:
     """--resume continues the same data order only with the same world size, global batch and token stream."""
+    saved = {"prompt_layout": "prompt-first", **saved} if "prompt_layout" in now else saved  # before layouts
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     if diff:
         raise TrainError("--resume with a different data layout than the checkpointed run (" + "; ".join(diff) +
                          "): the same step would read other windows. Start a new --out, or restore the settings")
+
+
+def _check_teacher(ckpt: dict, now: dict | None) -> None:
+    """--resume keeps the distillation objective: the same teacher by identity (name, dtype, tokenizer), wherever
+    its folder now lives (`teacher` may change in config.json: RESUME_MAY_CHANGE). Checkpoints written before
+    teacher identities were stored resume unchecked."""
+    was = ckpt.get("teacher_identity", now)
+    if was != now:
+        raise TrainError(f"--resume with another teacher than the checkpointed run: {now} (was {was}); the "
+                         "objective would change mid-run. Pass the original --teacher, or start a new --out")
 
 
 def _prepare_out(cfg: TrainConfig, out: Path, dist, identity: dict) -> dict | None:

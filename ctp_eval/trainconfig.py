@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("prompt", "lora")
 DTYPES = ("float32", "bfloat16")
 PAPER_WARMUP = 500
-# Flags that may differ between a run and its --resume without changing what is computed. `model` is compared
-# by identity (base model + spec + calibration), not by path: see trainsetup.model_identity.
+# Flags that may differ between a run and its --resume without changing what is computed. `model` and `teacher`
+# are compared by identity, not by path: see trainsetup.model_identity / teacher_identity.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "save_every", "stop_after", "device", "model", "teacher",
                      "teacher_cache", "data_dir", "recipe_name")
 # What defines how a prompt was learned (prompt metadata `extra.recipe`, ctp-bench --recipe).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 from ctp_eval.trainconfig import TrainConfig, TrainError
 
@@ -28,10 +27,14 @@ def model_identity(cfg: TrainConfig) -> dict:
 
     info = compressed_info(cfg.model)
     if info is not None:  # --model is a compressed checkpoint folder; its build tells two builds of a spec apart
-        from ctp_eval.compress.io import build_id
+        from ctp_eval.compress.io import DamagedCompressionError, build_id
 
+        try:
+            build = build_id(cfg.model)  # also checks the folder's files against its record
+        except DamagedCompressionError as err:
+            raise TrainError(str(err)) from None
         return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
-                    calibration=info.get("calibration"), build=build_id(cfg.model))
+                    calibration=info.get("calibration"), build=build)
     calibration = None
     if cfg.compression != "none":
         from ctp_eval.compress import parse_spec
@@ -51,18 +54,12 @@ def load_model(cfg: TrainConfig, device):
     compression = cfg.compression
     dtype = cfg.torch_dtype
     if compression != "none":
-        from ctp_eval.compress import CalibConfig, ensure_compressed  # compresses once, then reads the cache
+        from ctp_eval.compress import CalibConfig
+        from ctp_eval.compress.host import compress_once_per_host
 
         calib = CalibConfig(nsamples=cfg.calib_nsamples, seqlen=cfg.calib_seqlen)
         # Compressed where and in what the training runs: the same cache entry as compression=SPEC,dtype=...
-        args = dict(calib=calib, data_dir=cfg.data_dir, device=device, dtype=dtype)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            path = str(ensure_compressed(path, compression, **args))
-        else:  # one compression per host: the other ranks wait for its cache entry (polling: no collective timeout)
-            logger.info("rank %s waits for local rank 0 to compress %s", os.environ.get("RANK"), compression)
-            while (found := ensure_compressed(path, compression, lookup_only=True, **args)) is None:
-                time.sleep(10)
-            path = found
+        path = compress_once_per_host(path, compression, calib=calib, data_dir=cfg.data_dir, device=device, dtype=dtype)
     else:
         info = compressed_info(path)  # --model may itself be a compressed checkpoint folder
         compression = info.get("spec", "unknown") if info else "none"
@@ -90,6 +87,17 @@ def teacher_path(cfg: TrainConfig) -> str:
                      f"{info.get('base_model_path') or info.get('base_model')!r}); pass it with --teacher")
 
 
+def teacher_identity(cfg: TrainConfig, identity: dict, tokenizer) -> dict:
+    """Who the teacher is, without loading it: its name (not its path, which may change between machines), dtype
+    and tokenizer (the trained model's: `load_teacher` refuses a teacher whose tokenizer differs). `--resume`
+    compares it, and the teacher cache records it."""
+    from ctp_eval import models
+    from ctp_eval.prompt import tokenizer_fingerprint
+
+    return dict(teacher=models.model_id(cfg.teacher) if cfg.teacher else identity["base_model"],
+                dtype=cfg.dtype, tokenizer=tokenizer_fingerprint(tokenizer))
+
+
 def load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
     from ctp_eval import models
     from ctp_eval.prompt import tokenizer_fingerprint
@@ -98,11 +106,9 @@ def load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
     path = teacher_path(cfg)
     dtype = cfg.torch_dtype
     model, tok = models.load_model_and_tokenizer(path, dtype=dtype, device=str(dist.device))
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if tokenizer_fingerprint(tok) != fingerprint:
+    teacher_id = teacher_identity(cfg, identity, tokenizer)
+    if tokenizer_fingerprint(tok) != teacher_id["tokenizer"]:
         raise TrainError(f"teacher {path} has another tokenizer than the model being trained; distillation needs the same")
-    teacher_id = dict(teacher=models.model_id(path) if cfg.teacher else identity["base_model"], dtype=cfg.dtype,
-                      tokenizer=fingerprint)
     teacher = Teacher(model, cfg.loss_chunk, cfg.teacher_topk, cfg.teacher_cache, teacher_id)
     try:
         teacher.check_cache(wins, dist.rank)

@@ -12,7 +12,7 @@ import torch
 
 from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
 from ctp_eval.prefix_attention import shared_prefix_pays
-from ctp_eval.prompt import PromptError, SoftPrompt, init_from_vocab, token_vectors
+from ctp_eval.prompt import PromptError, SoftPrompt, init_from_vocab, prefix_embeds, token_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,16 @@ class PromptTuner:
     """k trainable fp32 embeddings in front of a frozen model. `shared_prefix` True: the prompt's positions run
     once per batch and every row attends to them (`ctp_eval.prefix_attention`); False: the plain path, the prompt
     prepended to every row (the reference; same loss and gradient). Default (None): whichever is faster on the
-    model's device (`prefix_attention.shared_prefix_pays`: shared on CPU, prepended on GPUs)."""
+    model's device (`prefix_attention.shared_prefix_pays`: shared on CPU, prepended on GPUs). `layout`: where the
+    prompt sits (`ctp_eval.prompt.LAYOUTS`); "after-bos" trains [BOS][prompt][window], as it will be applied."""
 
     method = "prompt"
 
-    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool | None = None):
-        self.model = model
+    def __init__(self, model, embeds: torch.Tensor, loss_chunk: int = 1024, shared_prefix: bool | None = None,
+                 tokenizer=None, layout: str = "prompt-first"):
+        if layout != "prompt-first" and tokenizer is None:
+            raise ValueError(f"layout {layout!r} needs the tokenizer (its BOS token)")
+        self.model, self.tokenizer, self.layout = model, tokenizer, layout
         device = next(model.parameters()).device
         # fp32 master copy even for a bf16 model: updates of ~lr*1e-3 would vanish in bf16's 8-bit mantissa
         self.prompt = torch.nn.Parameter(embeds.detach().float().to(device).clone())
@@ -95,13 +99,17 @@ class PromptTuner:
     def eval_model(self):
         return self.model
 
+    def prefix(self) -> torch.Tensor:
+        """(P, d) what goes in front of every window, differentiable in the prompt (`prompt.prefix_embeds`)."""
+        return prefix_embeds(self.model, self.tokenizer, self.prompt, self.layout)
+
     @property
     def eval_prompt(self) -> torch.Tensor:
-        return self.prompt.detach()
+        return self.prefix().detach()
 
     def loss_backward(self, ids: torch.Tensor, objective: Objective = Objective(),
                       teacher: TeacherTargets | None = None) -> dict:
-        return loss_backward(self.model, self.split, ids, self.prompt, self.loss_chunk, objective, teacher,
+        return loss_backward(self.model, self.split, ids, self.prefix(), self.loss_chunk, objective, teacher,
                              self.shared_prefix)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -174,6 +182,3 @@ class LoraTuner:
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
 
-
-def count_trainable(tuner) -> int:
-    return sum(p.numel() for p in tuner.parameters())

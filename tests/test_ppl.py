@@ -141,3 +141,35 @@ def test_ctp_lm_route_with_prompt_matches_perplexity(tiny_llama_dir, tiny_tokeni
         assert n == direct.n_tokens == plain.n_tokens
         expected = direct if prompt else plain
         assert math.exp(-loglik / n) == pytest.approx(expected.ppl, rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_batch_size_auto_uses_lm_evals_detection(tiny_llama_dir, tiny_tokenizer, corpus, monkeypatch):
+    """--batch_size auto: the protocol asks HFLM's own detection for its window length and batches by the answer."""
+    from ctp_eval.lm import CTPLM
+
+    lm = CTPLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size="auto", max_batch_size=4)
+    calls, detected = [], []
+    real_call, real_detect = lm._model_call, lm._detect_batch_size
+
+    def observed_call(inps, *args, **kwargs):
+        calls.append(tuple(inps.shape))
+        return real_call(inps, *args, **kwargs)
+
+    def observed_detect(*args, **kwargs):
+        start = len(calls)
+        detected.append(real_detect(*args, **kwargs))  # HFLM's search, through our _model_call
+        detected.append(calls[start:])
+        return 3  # not max_batch_size, so that batching by it is visible
+
+    monkeypatch.setattr(lm, "_model_call", observed_call)
+    monkeypatch.setattr(lm, "_detect_batch_size", observed_detect)
+    out = ppl.score_protocol_requests(lm, _requests(corpus, n_shards=2))
+    found, probes = detected
+    assert found == 4 and probes and set(probes) == {(4, SEQLEN)}  # probed at the protocol's window shape
+    n_windows = sum(o[1] for o in out) // (SEQLEN - 1)
+    assert calls[len(probes):] == [(min(3, n_windows - i), SEQLEN) for i in range(0, n_windows, 3)]
+
+    one = ppl.perplexity(lm.model, tiny_tokenizer, name=corpus, seqlen=SEQLEN, batch_size=1)
+    assert sum(o[1] for o in out) == one.n_tokens
+    assert math.exp(-sum(o[0] for o in out) / one.n_tokens) == pytest.approx(one.ppl, rel=1e-6)

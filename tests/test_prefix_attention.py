@@ -9,10 +9,16 @@
   * training: the shared-prefix loss and prompt gradient equal the prepend path's (llama, qwen2 with sliding and full
     layers, gemma3, opt), with CE and KD objectives, through the chunked LM head and the full-logits loss, with
     gradient checkpointing, and with bf16 weights and an fp32 prompt;
-  * without the private op, "auto" falls back to the public kernel; a layer that never reads the prompt is an error.
+  * without the private op, "auto" falls back to the public kernel; a layer that never reads the prompt is an error;
+  * the private op's self-check: on this torch it passes and the fused kernel runs; an op that reads the wrong kv
+    heads, returns the log-sum-exp in another base or shifted (only the backward sees that), or raises sends "auto"
+    to the public kernel with the prepend path's logits and prompt gradient, logged once.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import pytest
 import torch
@@ -72,7 +78,7 @@ def test_kernels_equal_masked_attention_with_gradients(kernel, heads, layout):
     grad_out = torch.randn(b, t, h, d, generator=gen)
     want = _reference(*inputs, scale)
     want_grads = torch.autograd.grad(want, inputs, grad_out)
-    fn = pa._LSEMerge.apply if kernel == "lse" else pa._concat_causal
+    fn = (lambda *a: pa._LSEMerge.apply(*a, pa._private_flash())) if kernel == "lse" else pa._concat_causal
     got = fn(*inputs, scale)
     assert got.shape == (b, t, h, d) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # seen <= 4e-7
@@ -90,7 +96,7 @@ def test_lse_kernel_gradient_to_the_prompt_only():
     kp, vp = (torch.randn(1, 2, 4, 8, generator=gen).requires_grad_() for _ in range(2))
     grad_out = torch.randn(2, 9, 4, 8, generator=gen)
     want = torch.autograd.grad(_reference(q, kt, vt, kp, vp, 0.3), (kp, vp), grad_out)
-    got = torch.autograd.grad(pa._LSEMerge.apply(q, kt, vt, kp, vp, 0.3), (kp, vp), grad_out)
+    got = torch.autograd.grad(pa._LSEMerge.apply(q, kt, vt, kp, vp, 0.3, pa._private_flash()), (kp, vp), grad_out)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
@@ -101,7 +107,7 @@ def test_lse_kernel_bf16_close_to_fp32():
     kt, vt = (torch.randn(2, 2, 16, 8, generator=gen) for _ in range(2))
     kp, vp = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(2))
     want = _reference(q, kt, vt, kp, vp, 0.35)
-    got = pa._LSEMerge.apply(*(x.bfloat16() for x in (q, kt, vt, kp, vp)), 0.35)
+    got = pa._LSEMerge.apply(*(x.bfloat16() for x in (q, kt, vt, kp, vp)), 0.35, pa._private_flash())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0, atol=3e-2)  # bf16 inputs: ~3 significant digits
 
@@ -168,6 +174,157 @@ def test_public_fallback_without_private_op(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     got.sum().backward()  # and it trains
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the private op's self-check
+
+
+def _wrong_kv_heads(ops):  # K/V heads read in another order, as a kernel without grouped-query indexing would
+    fwd, bwd = ops
+    return (lambda q, k, v, *a, **kw: fwd(q, k.flip(1), v.flip(1), *a, **kw)), bwd
+
+
+def _lse_mapped(ops, fn):
+    fwd, bwd = ops
+
+    def forward(*a, **kw):
+        out, lse = fwd(*a, **kw)
+        return out, fn(lse)
+
+    return forward, bwd
+
+
+def _raising(ops):
+    def forward(*a, **kw):
+        raise RuntimeError("no kernel for this layout")
+
+    return forward, ops[1]
+
+
+BROKEN = {
+    "wrong kv heads": _wrong_kv_heads,
+    "log-sum-exp base 2": lambda ops: _lse_mapped(ops, lambda lse: lse / math.log(2)),
+    # both parts shifted alike: the merged output is unchanged, only the backward (fed the merged lse) goes wrong
+    "log-sum-exp shifted": lambda ops: _lse_mapped(ops, lambda lse: lse + 1),
+    "raises": _raising,
+}
+
+
+def _spy_concat(monkeypatch) -> list:
+    calls, real = [], pa._concat_causal
+    monkeypatch.setattr(pa, "_concat_causal", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _logits_and_prompt_grad(logits_fn, prompt):
+    """Logits and the prompt's gradient of a fixed random projection of them (every position and vocab entry)."""
+    prompt.grad = None
+    logits = logits_fn()
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+    (logits * weights).sum().backward()
+    grad, prompt.grad = prompt.grad.clone(), None
+    return logits.detach(), grad
+
+
+def _records(caplog) -> list:
+    return [r for r in caplog.records if r.name == pa.__name__]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_verdicts(monkeypatch, dtype):
+    """This torch's op passes for grouped-query and multi-head layouts; every broken variant fails, bf16 too (the
+    tolerance is not so loose that a semantic slip hides in rounding)."""
+    monkeypatch.setattr(pa, "_VERDICTS", {})
+    ops = pa._private_flash()
+    for h, hkv, d in ((4, 2, 16), (9, 3, 64), (4, 4, 8)):
+        q, kv = torch.zeros(1, h, 1, d, dtype=dtype), torch.zeros(1, hkv, 1, d, dtype=dtype)
+        assert pa._lse_verdict(ops, q, kv, kv) == (True, "self-check against public SDPA passed"), (h, hkv, d)
+        for name, make in BROKEN.items():
+            ok, why = pa._lse_verdict(make(ops), q, kv, kv)
+            assert not ok, (name, h, hkv, d)
+            if name == "log-sum-exp shifted":
+                assert why.startswith("self-check: d"), why  # the output matched: a gradient caught it
+    assert len(pa._VERDICTS) == 3 * (1 + len(BROKEN))
+
+
+def test_self_check_passes_and_the_fused_kernel_runs(monkeypatch, caplog):
+    model = build_arch("llama").requires_grad_(False)
+    prompt, ids = _prompt(model, requires_grad=True), _ids()
+    want, want_grad = _logits_and_prompt_grad(lambda: forward_with_prompt(model, ids, prompt), prompt)
+    fwd, bwd = pa._private_flash()
+    counts = {"fwd": 0, "bwd": 0}
+
+    def counting(name, op):
+        return lambda *a, **kw: counts.__setitem__(name, counts[name] + 1) or op(*a, **kw)
+
+    ops = (counting("fwd", fwd), counting("bwd", bwd))
+    monkeypatch.setattr(pa, "_private_flash", lambda: ops)
+    monkeypatch.setattr(pa, "_VERDICTS", {})
+    calls = _spy_concat(monkeypatch)
+    caplog.set_level(logging.INFO, logger=pa.__name__)
+    for _ in range(2):  # the second pass reuses the verdict
+        got, grad = _logits_and_prompt_grad(
+            lambda: pa.forward_text(model, ids, pa.compute_prefix(model, prompt)).logits, prompt)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)  # entries up to ~60, seen <= 4e-5
+    assert calls == []
+    assert list(pa._VERDICTS.values()) == [(True, "self-check against public SDPA passed")]
+    # the check once (2 forward, 2 backward calls), then per pass 2 forward calls per layer and 2 backward calls per
+    # layer but the first (its text states do not depend on the prompt: only the prompt part's backward)
+    assert counts == {"fwd": 2 + 2 * 3 * 2, "bwd": 2 + 2 * 5}
+    [record] = _records(caplog)
+    assert record.levelno == logging.INFO and "fused 'lse' kernel" in record.getMessage()
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_self_check_failure_falls_back_to_the_public_kernel(monkeypatch, caplog, broken):
+    model = build_arch("llama").requires_grad_(False)
+    prompt, ids = _prompt(model, requires_grad=True), _ids()
+    want, want_grad = _logits_and_prompt_grad(lambda: forward_with_prompt(model, ids, prompt), prompt)
+    bad = BROKEN[broken](pa._private_flash())
+    monkeypatch.setattr(pa, "_private_flash", lambda: bad)
+    monkeypatch.setattr(pa, "_VERDICTS", {})
+    calls = _spy_concat(monkeypatch)
+    caplog.set_level(logging.INFO, logger=pa.__name__)
+    got, grad = _logits_and_prompt_grad(
+        lambda: pa.forward_text(model, ids, pa.compute_prefix(model, prompt)).logits, prompt)
+    assert len(calls) == 3  # every layer through the public kernel
+    [(ok, why)] = pa._VERDICTS.values()  # one check for the three layers
+    assert not ok
+    if broken == "raises":
+        assert why == "fused op raised RuntimeError: no kernel for this layout"
+    [record] = _records(caplog)
+    assert record.levelno == logging.WARNING
+    assert "public 'concat' kernel" in record.getMessage() and why in record.getMessage()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)  # entries up to ~60, seen <= 4e-5
+
+
+def test_explicit_lse_kernel_raises_when_the_check_fails(monkeypatch):
+    model = build_arch("llama")
+    bad = _raising(pa._private_flash())
+    monkeypatch.setattr(pa, "_private_flash", lambda: bad)
+    monkeypatch.setattr(pa, "_VERDICTS", {})
+    prefix = pa.compute_prefix(model, _prompt(model), kernel="lse")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernel='lse' cannot run here: fused op raised"):
+        pa.forward_text(model, _ids(), prefix)
+
+
+def test_backward_runs_the_ops_its_forward_ran(monkeypatch):
+    """The private op swapped between forward and backward cannot mix kernels within one step."""
+    model = build_arch("llama").requires_grad_(False)
+    prompt, ids = _prompt(model, requires_grad=True), _ids()
+    want = forward_with_prompt(model, ids, prompt).sum()
+    want.backward()
+    want_grad, prompt.grad = prompt.grad.clone(), None
+    loss = pa.forward_text(model, ids, pa.compute_prefix(model, prompt)).logits.sum()
+
+    def fail(*a, **kw):
+        raise AssertionError("backward called an op its forward did not run")
+
+    monkeypatch.setattr(pa, "_private_flash", lambda: (fail, fail))
+    loss.backward()
+    torch.testing.assert_close(prompt.grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_a_layer_that_never_reads_the_prompt_is_an_error():
@@ -294,8 +451,8 @@ def test_ctp_cache_mode_equals_prepend_in_model_dtype(tiny_llama_dir, tiny_token
 
 
 def test_training_shares_the_prefix_only_where_the_fused_kernel_runs():
-    """CPU (torch's fused flash op with log-sum-exp): shared; a GPU (the copying "concat" kernel, measured 0.53x
-    the prepend step's speed on an H200): prepended. An explicit choice wins."""
+    """CPU (torch's fused flash op with log-sum-exp): shared; a GPU (the copying "concat" kernel, slower than
+    prepending): prepended. An explicit choice wins."""
     from ctp_eval import tuners
     from ctp_eval.prefix_attention import shared_prefix_pays
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +239,35 @@ def test_bad_data_and_outputs(tiny_llama_dir, corpus, tmp_path):
         T.train(cfg(tmp_path, tiny_llama_dir, corpus, steps=2))
     with pytest.raises(T.TrainError, match="lr=0.2"):
         T.train(cfg(tmp_path, tiny_llama_dir, corpus, steps=2, lr=0.2, resume=True))
+
+
+def test_resume_refuses_another_teacher(tiny_llama_dir, tiny_tokenizer, corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from ctp_eval import trainsetup
+
+    def teacher(folder, seed):
+        build_model("llama", vocab_size=len(tiny_tokenizer), seed=seed).save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        return str(folder)
+
+    a, b = teacher(tmp_path / "here" / "teacher-a", 1), teacher(tmp_path / "here" / "teacher-b", 2)
+    kd = lambda **kw: cfg(tmp_path, tiny_llama_dir, corpus, loss="kd", steps=4, save_every=1, **kw)  # noqa: E731
+    assert T.train(kd(teacher=a, stop_after=2)).steps_done == 2
+    with monkeypatch.context() as m:  # refused before the teacher's weights are loaded
+        m.setattr(trainsetup, "load_teacher", lambda *args: pytest.fail("loaded the teacher of a refused resume"))
+        with pytest.raises(T.TrainError, match="another teacher.*teacher-b.*teacher-a"):
+            T.train(kd(teacher=b, resume=True))
+    # the same teacher in another folder (another machine) resumes
+    moved = tmp_path / "there" / "teacher-a"
+    shutil.copytree(a, moved)
+    assert T.train(kd(teacher=str(moved), resume=True, stop_after=1)).steps_done == 3
+    # a checkpoint from before teacher identities were stored resumes unchecked
+    ckpt = tmp_path / "out" / "checkpoint"
+    state = trainutil.load_checkpoint(ckpt)
+    del state["teacher_identity"]
+    trainutil.save_checkpoint(ckpt, state)
+    assert T.train(kd(teacher=b, resume=True)).steps_done == 4
 
 
 def test_train_on_a_validation_split(tiny_llama_dir, corpus, tmp_path):

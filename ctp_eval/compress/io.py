@@ -9,6 +9,10 @@ prompt learning back-propagates through them.
 
 `ensure_compressed(pretrained, spec)` returns such a folder from the cache, keyed by model + spec +
 calibration + options + dtype, and compresses (then saves atomically) on a miss.
+
+`ctp_compression.json` also records every file's size and sha256 ("files"), so a damaged folder (a truncated
+copy, a disk error) is caught before transformers reads it: a damaged cache entry is rebuilt, a damaged folder
+of the user's is refused with the command that rebuilds it (`check_compressed`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ logger = logging.getLogger(__name__)
 INFO_FILE = "ctp_compression.json"
 QPARAMS_FILE = "ctp_qparams.safetensors"
 FORMAT = "ctp-compression/2"  # bump when solver behaviour changes, so stale cache entries are not reused
+# Sizes are checked on every load. sha256 reads every byte (~1 GB/s per core): seconds for small models, minutes
+# for a 140 GB 70B checkpoint. So a file is hashed when the whole folder is at most CHECKSUM_ALL_BYTES, or when
+# the file itself is at most CHECKSUM_SMALL_BYTES (config, tokenizer, qparams); larger folders get sizes only
+# for their weight shards, which catches truncated or partial copies, the common damage.
+CHECKSUM_ALL_BYTES = 4 << 30
+CHECKSUM_SMALL_BYTES = 64 << 20
+
+
+class DamagedCompressionError(ValueError):
+    """A compressed folder whose files do not match its `ctp_compression.json`; the message says how to rebuild."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,106 @@ def read_compression_info(path: str | os.PathLike) -> dict | None:
     f = Path(path) / INFO_FILE
     if not f.is_file():
         return None
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedCompressionError(f"{f} is not readable JSON ({err}): the compressed folder {path} is damaged; "
+                                      "remove it and compress the base model again (ctp-compress --spec SPEC "
+                                      f"--model BASE --out {path})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(folder: str | os.PathLike) -> dict:
+    """{relative path: {"size", "sha256"}} of every file in `folder` except `ctp_compression.json` itself."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != INFO_FILE)
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+# (folder, file stats) already hashed in this process: a run checks one folder several times (ensure_compressed,
+# then build_id), and a file rewritten since has another mtime or inode.
+_verified: set = set()
+
+
+def find_damage(folder: str | os.PathLike, info: dict) -> str | None:
+    """What is wrong with the files of compressed `folder` against `info["files"]` (None: nothing found).
+
+    Checks sizes always, sha256 within the CHECKSUM_* limits. Folders written before the "files" map, and
+    compressed-tensors exports (whose map, copied from the source, describes other files), are not checked.
+    """
+    records = info.get("files")
+    if not isinstance(records, dict) or "export" in info:
+        logger.debug("%s records no file checksums: not verified", folder)
+        return None
+    root = Path(folder)
+    stats = []
+    for name, rec in sorted(records.items()):
+        try:
+            st = (root / name).stat()
+        except OSError:
+            return f"{name} is missing"
+        if st.st_size != rec.get("size"):
+            return f"{name} is {st.st_size} bytes, {rec.get('size')} when written"
+        stats.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (str(root.resolve()), tuple(stats))
+    if key in _verified:
+        return None
+    hash_all = sum(rec.get("size", 0) for rec in records.values()) <= CHECKSUM_ALL_BYTES
+    for name, rec in sorted(records.items()):
+        if (hash_all or rec["size"] <= CHECKSUM_SMALL_BYTES) and _sha256(root / name) != rec.get("sha256"):
+            return f"{name} does not match its sha256 from when it was written"
+    _verified.add(key)
+    return None
+
+
+def rebuild_command(folder: str | os.PathLike, info: dict) -> str:
+    """The `ctp-compress` line that writes `folder` again from its base model (same spec, calibration, options)."""
+    import shlex
+
+    from ctp_eval import models
+
+    args = ["ctp-compress", "--spec", str(info.get("spec", "SPEC"))]
+    model = info.get("base_model_path") or info.get("base_model")
+    if model and model != models.EMBEDDED_ID:
+        args += ["--model", model]
+    calib, default_calib = info.get("calibration") or {}, asdict(CalibConfig())
+    options, default_options = info.get("options") or {}, CompressOptions().key()
+    for given, default in ((calib, default_calib), (options, default_options)):
+        for name, value in given.items():
+            if name in default and value != default[name]:
+                flag = "--" + name.replace("_", "-")
+                args += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    if info.get("dtype"):
+        args += ["--dtype", info["dtype"]]
+    return shlex.join([*args, "--out", str(folder)])
+
+
+def check_compressed(path: str | os.PathLike) -> dict | None:
+    """The `ctp_compression.json` of `path` (None if it has none) once its files match it; else
+    DamagedCompressionError naming the folder, the bad file and the command that rebuilds it."""
+    info = read_compression_info(path)
+    problem = find_damage(path, info) if info is not None else None
+    if problem:
+        raise DamagedCompressionError(f"compressed checkpoint {path} is damaged: {problem}. Remove it and rebuild it "
+                                      f"with: {rebuild_command(path, info)}")
+    return info
+
+
+def _discard(entry: Path) -> None:
+    """Take a cache entry out of view atomically (rename), then delete it; another process may beat us to it."""
+    aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".damaged-"))
+    try:
+        os.replace(entry, aside / entry.name)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_compressed(
@@ -114,6 +227,7 @@ def save_compressed(
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
+        "files": file_records(out),  # checked on load (find_damage); not part of build_id
         "stats": stats or {},
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=1))
@@ -193,6 +307,7 @@ def ensure_compressed(
     existing = read_compression_info(pretrained) if pretrained and os.path.isdir(str(pretrained)) else None
     if existing is not None:
         if existing.get("spec") == str(spec):
+            check_compressed(pretrained)  # the user's folder: refused if damaged, never rebuilt in place
             return str(pretrained)
         raise ValueError(
             f"{pretrained} is already compressed with {existing.get('spec')!r}; compress the base model "
@@ -205,8 +320,16 @@ def ensure_compressed(
     root = Path(cache_dir) if cache_dir is not None else models.default_cache_dir() / "compressed"
     target = root / f"{_slug(base)}__{_slug(str(spec))}__{key}"
     if (target / INFO_FILE).is_file():
-        logger.info("compressed model cache hit: %s", target)
-        return str(target)
+        try:
+            problem = find_damage(target, read_compression_info(target))
+        except DamagedCompressionError as err:  # the json itself
+            problem = str(err)
+        if problem is None:
+            logger.info("compressed model cache hit: %s", target)
+            return str(target)
+        logger.warning("compressed model cache entry %s is damaged (%s): removing it and compressing again",
+                       target, problem)
+        _discard(target)
     if lookup_only:
         return None
 
@@ -258,9 +381,11 @@ def build_id(path: str | os.PathLike) -> str:
 
     The cache key names the inputs (model, spec, calibration, options, dtype, format); two builds with the same
     key can still differ when solver code changed without a format bump. Results record this id, so a
-    leaderboard never compares a prompt with the no-prompt row of another build of the same spec.
+    leaderboard never compares a prompt with the no-prompt row of another build of the same spec. It hashes
+    only the per-layer stats, so recording more in the json ("files") leaves existing ids as they were. A
+    damaged folder raises DamagedCompressionError (see `check_compressed`): its id would describe other weights.
     """
-    info = read_compression_info(path)
+    info = check_compressed(path)
     if not info:
         return ""
     layers = (info.get("stats") or {}).get("layers", {})
