@@ -10,7 +10,7 @@ def machine(device: str = "cpu") -> str:
     """The results' hardware line (CPU model name, cores, torch; the GPU's name on cuda) plus torch's threads."""
     import torch
 
-    from ctp_eval.lm import hardware_summary
+    from ctp_eval.eval.lm import hardware_summary
 
     return f"{hardware_summary(torch.device(device))}, {torch.get_num_threads()} threads"
 

@@ -26,17 +26,14 @@ import logging
 import time
 
 import torch
-from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
+from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
+    load,
+    machine,
+)
 
-DEFAULT_SPECS = [
-    "gptq:w4g128",
-    "gptq:w3g128",
-    "gptq:w2g128",
-    "sparsegpt:0.5",
-    "sparsegpt:0.625",
-    "sparsegpt:0.75",
-    "sparsegpt:0.5+gptq:w4g128",
-]
+from ctp_eval import presets
+
+DEFAULT_SPECS = list(presets.GROUPED_SPECS)
 
 
 def main(argv=None) -> None:
@@ -45,8 +42,8 @@ def main(argv=None) -> None:
     from ctp_eval.compress.apply import CompressOptions, baseline_spec, compress_model
     from ctp_eval.compress.io import CalibConfig, calibration_details, calibration_ids
     from ctp_eval.compress.spec import parse_spec
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.models import load_model_and_tokenizer, model_id
-    from ctp_eval.ppl import perplexity
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")

@@ -11,7 +11,8 @@ OUT="${1:-leaderboards/smollm2-135m-dense-full}"
 PPL_ARGS="${PPL_ARGS:-dtype=float32,max_length=1124}"
 MC_ARGS="${MC_ARGS:-dtype=bfloat16}"
 BIN="$(dirname "$(command -v python)")"
-for task in ctp_c4 ctp_ptb ctp_wikitext2 ctp_openbookqa ctp_piqa ctp_mmlu_hs_european_history ctp_hellaswag; do
+TASKS=$(python -c "from ctp_eval.presets import PAPER_TASKS; print(*PAPER_TASKS)")  # the ctp_paper group
+for task in $TASKS; do
   if compgen -G "$OUT/results/$task/*/results_*.json" > /dev/null; then echo "skip $task: done"; continue; fi
   case "$task" in
     ctp_c4|ctp_ptb|ctp_wikitext2) args="$PPL_ARGS" bs=4 ;;

@@ -26,8 +26,10 @@ import tempfile
 import time
 
 import torch
-
-from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
+from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
+    load,
+    machine,
+)
 
 
 def workload_requests(kind: str, tok, args):
@@ -52,7 +54,7 @@ def run_workload(kind: str, args, path: str, prompt_path: str, tok) -> dict[str,
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     desc, req, n_tokens, max_length = workload_requests(kind, tok, args)
     common = dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size)

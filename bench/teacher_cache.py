@@ -23,9 +23,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
+from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
+    load,
+    machine,
+)
 
-from ctp_eval.trainutil import read_run_log
+from ctp_eval.train.runlog import read_run_log
 
 VARIANTS = ("kd", "kd-cold", "kd-warm", "ce")
 

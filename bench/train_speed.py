@@ -33,7 +33,10 @@ import sys
 import threading
 import time
 
-from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
+from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
+    load,
+    machine,
+)
 
 VARIANTS = ("ctp", "ctp-prepend", "ctp-shared", "ctp-full", "peft")
 

@@ -24,9 +24,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2 when the prompt names it)")
     args = ap.parse_args()
 
-    from ctp_eval import models, ppl
+    from ctp_eval import models
     from ctp_eval.compress import CalibConfig, ensure_compressed
     from ctp_eval.compress.io import build_id, read_compression_info
+    from ctp_eval.eval import ppl
     from ctp_eval.prompt import SoftPrompt
 
     prompt = SoftPrompt.load(args.prompt)

@@ -45,8 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from benchutil import load, machine  # bench/benchutil.py: run as python bench/<script>.py
+from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
+    load,
+    machine,
+)
 
 DEFAULT_SPECS = "gptq:w4,sparsegpt:0.5"
 DEFAULT_VENV = "~/.cache/ctp_eval/bench-llmcompressor-venv"
@@ -277,8 +279,8 @@ def main(argv=None) -> None:
     from ctp_eval.compress.apply import CompressOptions, block_linears, find_blocks
     from ctp_eval.compress.io import CalibConfig, calibration_details, calibration_ids
     from ctp_eval.compress.spec import parse_spec
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.models import load_model_and_tokenizer, model_id, resolve_pretrained
-    from ctp_eval.ppl import perplexity
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")

@@ -5,7 +5,7 @@ lm-eval 0.4.x has no plugin discovery (lm-eval issues #1457, #1621, #3282), so t
 else is imported. When some program later imports `lm_eval.models` (or `lm_eval.tasks.manager`), the finder
 lets the real module load and then:
 
-* registers `ctp` -> "ctp_eval.lm:CTPLM" as a lazy placeholder (torch/transformers load only if `ctp` is used);
+* registers `ctp` -> "ctp_eval.eval.lm:CTPLM" as a lazy placeholder (torch/transformers load only if `ctp` is used);
 * makes every `TaskManager` also scan ctp_eval's task folder, so `--tasks ctp_paper` works without
   `--include_path` (which still works: lm-eval de-duplicates the folder).
 
@@ -35,7 +35,7 @@ def register_model() -> None:
     from lm_eval.api.registry import model_registry
 
     if "ctp" not in model_registry:
-        model_registry.register("ctp", target="ctp_eval.lm:CTPLM")
+        model_registry.register("ctp", target="ctp_eval.eval.lm:CTPLM")
 
 
 def patch_task_manager(module) -> None:

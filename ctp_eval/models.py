@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -59,14 +58,13 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    from ctp_eval.files import atomic_path
+
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # lost a race to another process: fine if it finished
             raise
     return target
@@ -79,22 +77,34 @@ def resolve_pretrained(pretrained: str | os.PathLike | None) -> str:
     return str(pretrained)
 
 
-def model_id(pretrained: str | os.PathLike | None) -> str:
-    """A short, stable name for metadata: the embedded id, a hub id, or a local folder's name."""
-    if pretrained in (None, "", "smollm2", "default"):
-        return EMBEDDED_ID
-    p = str(pretrained)
-    if os.path.isdir(p):
-        cfg = Path(p) / "ctp_compression.json"
-        if cfg.is_file():  # a compressed folder names its base model (a damaged record is refused there)
-            from ctp_eval.compress.io import read_compression_info
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a name or folder is, independent of where it lives (the one definition)."""
 
-            return (read_compression_info(p) or {}).get("base_model", Path(p).name)
-        embedded = default_cache_dir() / "models" / EMBEDDED_ID  # compare paths only: never convert here
-        if embedded.exists() and Path(p).resolve() == embedded.resolve():
-            return EMBEDDED_ID
-        return Path(p).name
-    return p
+    name: str  # short and stable, for metadata and results: the embedded id, a hub id, or a folder's base model
+    key: str  # what cache keys hash: the id, or a local folder's absolute path (two folders may share a name)
+
+
+def model_identity(pretrained: str | os.PathLike | None) -> ModelIdentity:
+    """The identity of `pretrained` without loading or converting anything (the embedded folder is recognised
+    by path, so naming it never converts its GGUF). A compressed folder is named by its base model."""
+    if pretrained in (None, "", "smollm2", "default"):
+        return ModelIdentity(EMBEDDED_ID, EMBEDDED_ID)
+    if not os.path.isdir(str(pretrained)):
+        return ModelIdentity(str(pretrained), str(pretrained))
+    path = Path(pretrained).resolve()
+    if path == (default_cache_dir() / "models" / EMBEDDED_ID).resolve():
+        return ModelIdentity(EMBEDDED_ID, EMBEDDED_ID)
+    if (path / "ctp_compression.json").is_file():  # a damaged record is refused there, in one line
+        from ctp_eval.compress.io import read_compression_info
+
+        return ModelIdentity((read_compression_info(path) or {}).get("base_model", path.name), str(path))
+    return ModelIdentity(path.name, str(path))
+
+
+def model_id(pretrained: str | os.PathLike | None) -> str:
+    """`model_identity(pretrained).name`."""
+    return model_identity(pretrained).name
 
 
 class UnsupportedModelError(ValueError):

@@ -3,8 +3,11 @@ signal on to its running step). No torch import: ctp-bench's own process stays l
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+
+logger = logging.getLogger(__name__)
 
 
 class SignalScope:
@@ -31,3 +34,13 @@ class SignalScope:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+class StopSignals(SignalScope):
+    """Turn SIGINT/SIGTERM into a flag checked between steps (a second signal stops at once)."""
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s received: checkpointing after the current step", signal.Signals(signum).name)

@@ -14,7 +14,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ctp_eval.data import DataUnavailableError, local_or_hub, read_jsonl, unavailable_message
+from ctp_eval.data import (
+    DataUnavailableError,
+    local_or_hub,
+    read_jsonl,
+    unavailable_message,
+)
 
 
 def _dataset_dict(splits: dict[str, list[dict]]):

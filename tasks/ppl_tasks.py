@@ -50,7 +50,7 @@ NEEDS_CTP = (
 def build_docs(corpus: str, split: str, data_dir=None, seqlen: int = 1024, n_shards: int = DEFAULT_SHARDS):
     """Docs for one perplexity task (see module docstring); pure Python so tests can call it without lm-eval."""
     from ctp_eval import data
-    from ctp_eval.ppl import shard_bounds
+    from ctp_eval.eval.ppl import shard_bounds
 
     rows = data.load_texts(corpus, split, data_dir)
     root = data.resolve_data_dir(data_dir)

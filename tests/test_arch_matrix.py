@@ -24,8 +24,13 @@ from archs import ARCHS, WINDOW, build_arch
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ctp_eval.compress.apply import _run_block, calibrated_blocks, compress_model, find_blocks
-from ctp_eval.lm import CTPLM
+from ctp_eval.compress.apply import (
+    _run_block,
+    calibrated_blocks,
+    compress_model,
+    find_blocks,
+)
+from ctp_eval.eval.lm import CTPLM
 from ctp_eval.prompt import SoftPrompt
 
 K = 12  # soft prompt length: longer than the sliding window
@@ -183,7 +188,7 @@ def gptq_model(arch, tiny_tokenizer):
 
 def test_d_three_train_steps_lower_the_loss(gptq_model, tiny_tokenizer, tmp_path, arch):
     from ctp_eval import train as T
-    from ctp_eval.losses import split_head
+    from ctp_eval.train.losses import split_head
 
     model, _ = gptq_model
     ids = _calib(n=2, seqlen=24, seed=3)

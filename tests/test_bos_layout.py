@@ -13,7 +13,7 @@ from conftest import _CORPUS, build_model
 from lm_eval.api.instance import Instance
 
 from ctp_eval import train as T
-from ctp_eval.lm import CTPLM
+from ctp_eval.eval.lm import CTPLM
 from ctp_eval.prompt import SoftPrompt, layout_for, tokenizer_adds_bos
 
 CONTEXTS = ["The quick brown fox", "Paris is the capital", "one two three four five six", "A"]
@@ -25,7 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build_bos_tokenizer():
     """A byte-level BPE whose post-processor adds a dedicated <s> in front of every text, as Llama's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

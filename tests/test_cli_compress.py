@@ -20,7 +20,7 @@ def test_ctp_compress_writes_a_loadable_checkpoint(tiny_llama_dir, tmp_path, mon
     assert capsys.readouterr().out.strip().endswith(str(out))
     info = json.loads((out / "ctp_compression.json").read_text())
     assert info["spec"] == "sparsegpt:0.5"
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     lm = CTPLM(pretrained=str(out), device="cpu", dtype="float32")
     w = lm.model.model.layers[1].self_attn.q_proj.weight

@@ -112,7 +112,7 @@ def test_stock_lm_eval_runs_ctp_end_to_end(tiny_llama_dir, tiny_task_dir, prompt
     # The same accuracy from the model in-process: the CLI path adds nothing of its own.
     from lm_eval.api.instance import Instance
 
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     lm = CTPLM(pretrained=str(tiny_llama_dir), prompt=str(prompt_path), dtype="float32", device="cpu")
     correct = 0

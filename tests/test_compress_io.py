@@ -78,11 +78,12 @@ def test_model_identity(tmp_path, monkeypatch):
     embedded = tmp_path / "models" / models.EMBEDDED_ID
     embedded.mkdir(parents=True)
     # the lm-eval model passes the resolved embedded folder: it must key like pretrained=None
-    assert cio._model_identity(str(embedded)) == cio._model_identity(None) == (models.EMBEDDED_ID,) * 2
+    ident = lambda x: tuple(vars(models.model_identity(x)).values())  # noqa: E731  (name, key)
+    assert ident(str(embedded)) == ident(None) == (models.EMBEDDED_ID,) * 2
     other = tmp_path / "a" / "same-name"
     other.mkdir(parents=True)
-    assert cio._model_identity(str(other)) == ("same-name", str(other.resolve()))
-    assert cio._model_identity("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M",) * 2
+    assert ident(str(other)) == ("same-name", str(other.resolve()))
+    assert ident("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M",) * 2
 
 
 # ---------------------------------------------------------------- damaged folders
@@ -188,7 +189,7 @@ def test_ctp_model_refuses_a_damaged_folder_and_rebuilds_a_damaged_cache_entry(t
     import shutil
     from pathlib import Path
 
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     entry = Path(ensure_compressed(str(tiny_llama_dir), "rtn:w4", progress=False))

@@ -8,8 +8,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # ~10 min on 2 CPU cores: ke
 def test_smollm2_degradation_is_monotone():
     from ctp_eval.compress import compress_model
     from ctp_eval.compress.io import CalibConfig, calibration_ids
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.models import load_model_and_tokenizer
-    from ctp_eval.ppl import perplexity
 
     dense, tok = load_model_and_tokenizer(None)
     calib = calibration_ids(tok, CalibConfig(nsamples=8, seqlen=256))

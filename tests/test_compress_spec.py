@@ -3,7 +3,14 @@ import sys
 
 import pytest
 
-from ctp_eval.compress.spec import CompressSpec, QuantSpec, SparseSpec, SpecError, canonical_spec, parse_spec
+from ctp_eval.compress.spec import (
+    CompressSpec,
+    QuantSpec,
+    SparseSpec,
+    SpecError,
+    canonical_spec,
+    parse_spec,
+)
 
 CANONICAL = [
     "none",

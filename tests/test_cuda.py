@@ -55,7 +55,7 @@ def _scores(lm) -> tuple[list[float], float]:
 
 
 def test_ctp_on_cuda_scores_like_the_cpu(arch_dir):
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     arch, path = arch_dir
     kw = dict(pretrained=str(path), prompt=str(path / "p.safetensors"), batch_size=2)
@@ -107,7 +107,7 @@ def test_block_offload_solves_on_the_gpu_and_returns_to_the_host(spec):
 
 
 def test_compression_spec_compresses_on_the_gpu_and_reloads(tiny_llama_dir, calib, tmp_path, monkeypatch):
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     monkeypatch.setenv("CTP_CACHE_DIR", str(tmp_path / "cache"))
     kw = dict(pretrained=str(tiny_llama_dir), compression="gptq:w2", calib_data=calib.dataset,
@@ -144,7 +144,7 @@ def test_export_loads_and_scores_on_the_gpu(tiny_llama_dir, calib, tmp_path):
 
     from ctp_eval.compress.export import export_compressed
     from ctp_eval.compress.io import ensure_compressed
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     src = ensure_compressed(str(tiny_llama_dir), "gptq:w4g16", calib=calib, cache_dir=tmp_path, progress=False)
     export_compressed(src, tmp_path / "export")

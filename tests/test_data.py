@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import DATA_DIR
+
 from ctp_eval import data
 
 

@@ -103,7 +103,7 @@ def _child(work: Path) -> None:
     # the real waiting loop, polling faster than its 10 s default
     host.compress_once_per_host = functools.partial(host.compress_once_per_host, poll_seconds=0.1)
 
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     lm = CTPLM(**_lm_kwargs(cfg["model_dir"], cfg["data_dir"]))
     record["build"] = lm.compression_build
@@ -194,7 +194,7 @@ def test_two_ranks_compress_once_and_score_a_protocol_only_rank(tiny_llama_dir, 
     assert r0["build"] and r0["build"] == r1["build"]
 
     # every request's result equals one process scoring all of them (loaded from the same cache entry)
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     monkeypatch.setenv("CTP_CACHE_DIR", str(cache))
     single = CTPLM(**_lm_kwargs(str(tiny_llama_dir), data_dir))

@@ -17,7 +17,11 @@ from safetensors.torch import load_file
 
 from ctp_eval.compress.apply import block_linears, find_blocks
 from ctp_eval.compress.export import (
-    ExportError, export_compressed, spec_export_problem, stored_group_size, to_packed_grid,
+    ExportError,
+    export_compressed,
+    spec_export_problem,
+    stored_group_size,
+    to_packed_grid,
 )
 from ctp_eval.compress.io import CalibConfig, ensure_compressed
 
@@ -264,8 +268,8 @@ def test_prompt_gives_the_same_ppl_on_the_export(tiny_llama_dir, calib, tmp_path
     from lm_eval.api.instance import Instance
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctp_eval.lm import CTPLM
-    from ctp_eval.ppl import perplexity
+    from ctp_eval.eval.lm import CTPLM
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.prompt import SoftPrompt
 
     src = ensure_compressed(str(tiny_llama_dir), "gptq:w4g16", calib=calib, cache_dir=tmp_path, progress=False)
@@ -357,8 +361,8 @@ def test_smollm2_export_round_trip(tmp_path):
     from conftest import DATA_DIR
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctp_eval.lm import CTPLM
-    from ctp_eval.ppl import perplexity
+    from ctp_eval.eval.lm import CTPLM
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.prompt import SoftPrompt, init_from_vocab
 
     calib = CalibConfig(nsamples=4, seqlen=128)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from ctp_eval.leaderboard import gap_recovered, load_runs, main_table, spec_sort_key, write_leaderboard
+from ctp_eval.study.leaderboard import (
+    gap_recovered,
+    load_runs,
+    main_table,
+    spec_sort_key,
+    write_leaderboard,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from ctp_eval.lm import CTPLM
+from ctp_eval.eval.lm import CTPLM
 from ctp_eval.prompt import PromptError, SoftPrompt
 
 CONTEXTS = ["The quick brown fox", "Paris is the capital", "one two three four five six", "A"]

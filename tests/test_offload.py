@@ -18,10 +18,11 @@ import torch
 from conftest import build_model
 from safetensors.torch import load_file
 
-from ctp_eval import models, trainsetup
+from ctp_eval import models
 from ctp_eval.compress import apply
 from ctp_eval.compress import io as cio
 from ctp_eval.compress.io import ensure_compressed
+from ctp_eval.train import setup as trainsetup
 
 VOCAB = 300
 
@@ -144,7 +145,7 @@ def test_bf16_checkpoint_is_solved_in_fp32_and_saved_in_bf16(bf16_llama_dir, cal
 
     # the bf16 checkpoint loads directly: as pretrained= (HFLM's dtype auto) and as ctp-train --model
     from ctp_eval import train as T
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     lm = CTPLM(pretrained=out, device="cpu")
     assert lm.model.dtype == torch.bfloat16 and lm.get_model_info()["ctp_compression"] == "gptq:w4g16"
@@ -172,7 +173,7 @@ def spy_ensure(monkeypatch):
 
 
 def test_lm_eval_model_passes_hflm_device_and_dtype(spy_ensure, tiny_llama_dir, monkeypatch):
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 2-GPU machine, as far as devices go
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -221,7 +222,9 @@ def test_ctp_train_other_ranks_wait_for_local_rank_0(tiny_llama_dir, tmp_path, m
         return next(answers)
 
     monkeypatch.setattr(cio, "ensure_compressed", lookup)
-    monkeypatch.setattr(trainsetup.time, "sleep", lambda s: None)
+    from ctp_eval.compress import host
+
+    monkeypatch.setattr(host.time, "sleep", lambda s: None)
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = T.TrainConfig(out=str(tmp_path / "run"), model=str(tiny_llama_dir), compression="gptq:w4", progress=False)
     model, _, spec = trainsetup.load_model(cfg, torch.device("cpu"))
@@ -229,7 +232,7 @@ def test_ctp_train_other_ranks_wait_for_local_rank_0(tiny_llama_dir, tmp_path, m
 
 
 def test_ctp_bench_compresses_on_its_device_in_its_dtype(spy_ensure, tmp_path):
-    from ctp_eval.pipeline import BenchConfig, Runner
+    from ctp_eval.study.bench import BenchConfig, Runner
 
     runner = Runner(BenchConfig(out=str(tmp_path), specs="gptq:w4", compress_device="cuda:1", dtype="bfloat16"))
     with pytest.raises(_Stop):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctp_eval.pipeline import BenchConfig, slug
+from ctp_eval.study.bench import BenchConfig, slug
 
 BIN = Path(sys.executable).parent
 
@@ -25,7 +25,7 @@ def test_quick_config_and_spec_validation():
 
 
 def test_dry_run_plans_data_and_transfer_runs(tmp_path, capsys):
-    from ctp_eval.pipeline import main
+    from ctp_eval.cli.bench import main
 
     main(["--out", str(tmp_path), "--specs", "gptq:w4,sparsegpt:0.5", "--transfer-from", "gptq:w4", "--k", "25",
           "--train-data", "wikitext2", "--train-split", "validation", "--dry-run"])
@@ -43,7 +43,7 @@ def test_dry_run_plans_data_and_transfer_runs(tmp_path, capsys):
 
 
 def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
-    from ctp_eval.pipeline import main
+    from ctp_eval.cli.bench import main
 
     main(["--out", str(tmp_path), "--specs", "gptq:w4", "--recipe", "kd", "--loss", "kd", "--lr", "0.03",
           "--lr-schedule", "cosine", "--train-dtype", "bfloat16", "--seed", "3", "--mc-tasks", "ctp_openbookqa,ctp_hellaswag,ctp_piqa",
@@ -134,7 +134,7 @@ def test_sigterm_reaches_the_step_in_flight(tmp_path):
             "signal.signal(signal.SIGTERM, stop)\n"
             f"pathlib.Path({str(ready)!r}).write_text('')\n"
             "time.sleep(60)\n")
-    bench = ("from ctp_eval.pipeline import BenchConfig, Runner\n"
+    bench = ("from ctp_eval.study.bench import BenchConfig, Runner\n"
              f"Runner(BenchConfig(out={str(tmp_path / 'out')!r})).run([{sys.executable!r}, '-c', {step!r}], 'step')\n")
     parent = subprocess.Popen([sys.executable, "-c", bench], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30

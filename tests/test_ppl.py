@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_model
-from ctp_eval import ppl
+
+from ctp_eval.eval import ppl
 
 TEXT = " ".join(
     f"Sentence {i}: the quick brown fox jumps over the lazy dog, and a soft prompt recovers accuracy."
@@ -126,7 +126,7 @@ def test_ctp_lm_route_with_prompt_matches_perplexity(tiny_llama_dir, tiny_tokeni
     """CTPLM (prefix-KV prompt) through score_protocol_requests == perplexity(prompt=...), same scored tokens."""
     from transformers import AutoModelForCausalLM
 
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
     from ctp_eval.prompt import SoftPrompt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -146,7 +146,7 @@ def test_ctp_lm_route_with_prompt_matches_perplexity(tiny_llama_dir, tiny_tokeni
 @pytest.mark.usefixtures("one_thread")
 def test_batch_size_auto_uses_lm_evals_detection(tiny_llama_dir, tiny_tokenizer, corpus, monkeypatch):
     """--batch_size auto: the protocol asks HFLM's own detection for its window length and batches by the answer."""
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     lm = CTPLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size="auto", max_batch_size=4)
     calls, detected = [], []

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from archs import ARCHS, WINDOW, build_arch
 
-from ctp_eval import losses
-from ctp_eval import prefix_attention as pa
+from ctp_eval.eval import prefix_attention as pa
 from ctp_eval.prompt import forward_with_prompt
+from ctp_eval.train import losses
 
 K = 12  # prompt length: longer than the 8-token sliding window
 T = 20
@@ -361,7 +361,7 @@ def _grad(fn, prompt):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "opt"])
 @pytest.mark.parametrize("kind", ["ce", "ce+kd"])
 def test_shared_prefix_gradients_equal_prepend(arch, kind):
-    from ctp_eval.teacher import Teacher
+    from ctp_eval.train.teacher import Teacher
 
     model = build_arch(arch).requires_grad_(False)
     objective = losses.Objective(kind, kd_weight=0.3)
@@ -404,8 +404,7 @@ def test_shared_prefix_with_gradient_checkpointing():
 def test_bf16_weights_fp32_prompt():
     """ctp-train --dtype bfloat16 on CPU: bf16 model, fp32 master prompt; shared and prepend paths agree to bf16
     precision, the gradient reaching the prompt is fp32, and a few steps lower the loss."""
-    from ctp_eval import tuners
-    from ctp_eval.train import TrainConfig, make_optimizer, train_step
+    from ctp_eval.train import TrainConfig, make_optimizer, train_step, tuners
 
     model = build_arch("llama").to(torch.bfloat16).requires_grad_(False)
     ref_model = build_arch("llama").requires_grad_(False)  # the same weights in fp32
@@ -436,7 +435,7 @@ def test_bf16_weights_fp32_prompt():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ctp_cache_mode_equals_prepend_in_model_dtype(tiny_llama_dir, tiny_tokenizer, tmp_path, dtype):
     """`ctp` scores through prompt-aware attention in the model's dtype (bf16: the prompt's states are bf16 too)."""
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
     from ctp_eval.prompt import SoftPrompt
 
     model = build_arch("llama")  # any model: only its scale matters for the prompt
@@ -453,8 +452,8 @@ def test_ctp_cache_mode_equals_prepend_in_model_dtype(tiny_llama_dir, tiny_token
 def test_training_shares_the_prefix_only_where_the_fused_kernel_runs():
     """CPU (torch's fused flash op with log-sum-exp): shared; a GPU (the copying "concat" kernel, slower than
     prepending): prepended. An explicit choice wins."""
-    from ctp_eval import tuners
-    from ctp_eval.prefix_attention import shared_prefix_pays
+    from ctp_eval.eval.prefix_attention import shared_prefix_pays
+    from ctp_eval.train import tuners
 
     assert shared_prefix_pays("cpu") and shared_prefix_pays(torch.device("cpu"))
     assert not shared_prefix_pays("cuda") and not shared_prefix_pays("cuda:1") and not shared_prefix_pays("meta")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ctp_eval import train as T
-from ctp_eval import trainsetup, trainutil, tuners
-from ctp_eval.prompt import SoftPrompt
+from ctp_eval.prompt import SoftPrompt, init_prompt
+from ctp_eval.train import runlog, schedule
+from ctp_eval.train import setup as trainsetup
 
 WORDS = "alpha beta gamma delta soft prompt model recovers compressed weights one two three four".split()
 
@@ -38,18 +39,18 @@ def cfg(tmp, model_dir, corpus, **kw) -> T.TrainConfig:
 
 
 def log_rows(out):
-    return trainutil.read_run_log(out / "train_log.jsonl")
+    return runlog.read_run_log(out / "train_log.jsonl")
 
 
 def test_validation_runs_at_val_seqlen_not_train_seqlen(tiny_llama_dir, corpus, tmp_path):
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.models import load_model_and_tokenizer
-    from ctp_eval.ppl import perplexity
 
     res = T.train(cfg(tmp_path, tiny_llama_dir, corpus, steps=1, warmup_steps=0))
     meta = SoftPrompt.load(res.artifact).meta
     assert meta.seqlen == 16 and meta.val_seqlen == 32
     model, tok = load_model_and_tokenizer(str(tiny_llama_dir))
-    init = tuners.init_prompt(model, tok, "vocab", 4, 0)
+    init = init_prompt(model, tok, "vocab", 4, 0)
     at = {n: perplexity(model, tok, str(corpus / "val.txt"), "validation", n, init, batch_size=2, limit_windows=3).ppl
           for n in (16, 32)}
     assert res.val_ppl_before == pytest.approx(at[32], rel=1e-6)
@@ -57,7 +58,7 @@ def test_validation_runs_at_val_seqlen_not_train_seqlen(tiny_llama_dir, corpus, 
 
 
 def test_schedules():
-    f = trainutil.lr_factor
+    f = schedule.lr_factor
     assert [f(s, 0, 4, "constant") for s in range(4)] == [1.0] * 4
     assert f(0, 0, 4, "cosine") == 1.0 and f(2, 0, 4, "cosine") == pytest.approx(0.5)
     assert f(3, 0, 4, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
@@ -129,14 +130,15 @@ def test_warm_start_from_a_prompt_file(tiny_llama_dir, corpus, tmp_path):
 
 
 def test_vocab_init_restricted_to_frequent_tokens(tiny_llama_dir, corpus):
-    from ctp_eval import data, ppl
+    from ctp_eval import data
+    from ctp_eval.eval import ppl
     from ctp_eval.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tiny_llama_dir))
     wins = ppl.windows(data.token_stream(tok, str(corpus / "train.txt"), "train"), 16)
     counts = torch.bincount(wins.reshape(-1), minlength=len(tok))
     top = set(torch.topk(counts, 6).indices.tolist())  # the corpus has few distinct tokens: 6 clear winners
-    got = tuners.init_prompt(model, tok, "vocab:6", 4, seed=3, train_windows=wins)
+    got = init_prompt(model, tok, "vocab:6", 4, seed=3, train_windows=wins)
     table = model.get_input_embeddings().weight
     rows = [int((table - r).abs().sum(1).argmin()) for r in got]
     assert len(set(rows)) == 4 and set(rows) <= top

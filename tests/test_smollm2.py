@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
 
     return CTPLM(device="cpu", dtype="float32", batch_size=2)
 
@@ -23,7 +23,7 @@ def test_embedded_model_generates_sensible_text_greedily(smollm2):
 
 
 def test_prefix_cache_equals_prepend_on_real_model(tmp_path):
-    from ctp_eval.lm import CTPLM
+    from ctp_eval.eval.lm import CTPLM
     from ctp_eval.models import load_model_and_tokenizer
     from ctp_eval.prompt import SoftPrompt, init_from_vocab
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA_DIR, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +126,8 @@ def test_ppl_shards_cover_the_corpus(monkeypatch):
 def test_lm_eval_cli_end_to_end(tmp_path, tiny_tokenizer, monkeypatch, standard):
     """`lm_eval --model ctp --tasks ctp_wikitext2 --limit 1`: token_perplexity equals ppl.py computed directly,
     with and without the standard rolling request (ppl_standard)."""
-    from ctp_eval import data, ppl
+    from ctp_eval import data
+    from ctp_eval.eval import ppl
 
     model_dir = tmp_path / "tiny"
     model = build_model("llama", vocab_size=len(tiny_tokenizer))
@@ -177,3 +177,13 @@ def test_ctp_paper_smollm2_offline(tmp_path, monkeypatch):
         assert res[name]["scored_tokens,none"] > 0 and math.isfinite(res[name]["token_perplexity,none"])
     for name in MC:
         assert 0.0 <= res[name]["acc,none"] <= 1.0 and "acc_norm_stderr,none" in res[name]
+
+
+def test_paper_group_lists_the_preset_tasks():
+    import yaml
+
+    from ctp_eval import presets
+
+    group = yaml.safe_load((Path(__file__).resolve().parents[1] / "tasks" / "ctp_paper.yaml").read_text())
+    assert group["group"] == presets.PAPER_TASK_GROUP
+    assert tuple(group["task"]) == presets.PAPER_TASKS

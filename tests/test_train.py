@@ -16,8 +16,8 @@ from conftest import build_model
 from safetensors.torch import load_file
 
 from ctp_eval import train as T
-from ctp_eval import losses, trainutil, tuners
 from ctp_eval.prompt import SoftPrompt
+from ctp_eval.train import checkpoint, losses, runlog, schedule, tuners
 
 WORDS = "the quick brown fox jumps over lazy dog soft prompt model capital of France Paris one two three".split()
 
@@ -67,7 +67,7 @@ def naive_loss(model, ids, prompt, kind, teacher_model=None, w=0.5):
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("kind", ["ce", "kd", "ce+kd"])
 def test_chunked_loss_equals_full_logits_and_naive(arch, kind):
-    from ctp_eval.teacher import Teacher
+    from ctp_eval.train.teacher import Teacher
 
     model = build_model(arch).requires_grad_(False)
     teacher_model = build_model(arch, seed=1)
@@ -121,7 +121,7 @@ def finished(tiny_llama_dir, corpus, tmp_path_factory):
 
 def test_loss_decreases_and_outputs_complete(finished, corpus):
     result, out = finished
-    rows = trainutil.read_run_log(out / "train_log.jsonl")
+    rows = runlog.read_run_log(out / "train_log.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
     assert result.best_val_ppl < result.val_ppl_before
@@ -136,8 +136,8 @@ def test_loss_decreases_and_outputs_complete(finished, corpus):
 
 
 def test_best_prompt_is_best_validation(finished, tiny_llama_dir, tmp_path):
+    from ctp_eval.eval.ppl import perplexity
     from ctp_eval.models import load_model_and_tokenizer
-    from ctp_eval.ppl import perplexity
 
     result, out = finished
     model, tok = load_model_and_tokenizer(str(tiny_llama_dir))
@@ -145,7 +145,7 @@ def test_best_prompt_is_best_validation(finished, tiny_llama_dir, tmp_path):
     got = perplexity(model, tok, c["val_data"], "validation", 32, prompt_of(out / "prompt.safetensors"),
                      batch_size=2, limit_windows=4).ppl
     assert got == pytest.approx(result.best_val_ppl, rel=1e-5)
-    vals = [r["val_ppl"] for r in trainutil.read_run_log(out / "train_log.jsonl") if "val_ppl" in r]
+    vals = [r["val_ppl"] for r in runlog.read_run_log(out / "train_log.jsonl") if "val_ppl" in r]
     assert result.best_val_ppl == pytest.approx(min(vals))
 
 
@@ -158,7 +158,7 @@ def test_resume_equals_uninterrupted(finished, tiny_llama_dir, corpus, tmp_path)
     assert second.steps_done == 24 and second.stopped_by is None
     for name in ("prompt.safetensors", "last.safetensors"):
         torch.testing.assert_close(prompt_of(tmp_path / "out" / name), prompt_of(full / name), rtol=1e-5, atol=1e-6)
-    log = lambda p: trainutil.read_run_log(p / "train_log.jsonl")  # noqa: E731
+    log = lambda p: runlog.read_run_log(p / "train_log.jsonl")  # noqa: E731
     a, b = log(tmp_path / "out"), log(full)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     value = lambda r: r.get("loss", r.get("val_ppl"))  # noqa: E731
@@ -173,7 +173,7 @@ def test_sigterm_leaves_loadable_checkpoint(tiny_llama_dir, corpus, tmp_path):
            "--save-every", "1", "--val-windows", "2", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpt = out / "checkpoint" / trainutil.CHECKPOINT_FILE
+    ckpt = out / "checkpoint" / checkpoint.CHECKPOINT_FILE
     deadline = time.time() + 90
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -181,7 +181,7 @@ def test_sigterm_leaves_loadable_checkpoint(tiny_llama_dir, corpus, tmp_path):
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
-    state = trainutil.load_checkpoint(out / "checkpoint")
+    state = checkpoint.load_checkpoint(out / "checkpoint")
     step = state["run"]["step"]
     assert step >= 1 and "SIGTERM" in output
     last = SoftPrompt.load(out / "last.safetensors")
@@ -204,7 +204,7 @@ def test_nan_loss_stops_and_keeps_last_good_prompt(tiny_llama_dir, corpus, tmp_p
     with pytest.raises(T.TrainingDiverged, match="step 3: loss nan"):
         T.train(cfg(tmp_path, tiny_llama_dir, corpus, save_every=2))
     out = tmp_path / "out"
-    good = trainutil.load_checkpoint(out / "checkpoint")  # written after step 2, the last good one
+    good = checkpoint.load_checkpoint(out / "checkpoint")  # written after step 2, the last good one
     assert good["run"]["step"] == 2
     assert torch.equal(prompt_of(out / "last.safetensors"), good["tuner"]["prompt"])
 
@@ -244,7 +244,7 @@ def test_bad_data_and_outputs(tiny_llama_dir, corpus, tmp_path):
 def test_resume_refuses_another_teacher(tiny_llama_dir, tiny_tokenizer, corpus, tmp_path, monkeypatch):
     import shutil
 
-    from ctp_eval import trainsetup
+    from ctp_eval.train import setup as trainsetup
 
     def teacher(folder, seed):
         build_model("llama", vocab_size=len(tiny_tokenizer), seed=seed).save_pretrained(folder)
@@ -264,9 +264,9 @@ def test_resume_refuses_another_teacher(tiny_llama_dir, tiny_tokenizer, corpus, 
     assert T.train(kd(teacher=str(moved), resume=True, stop_after=1)).steps_done == 3
     # a checkpoint from before teacher identities were stored resumes unchecked
     ckpt = tmp_path / "out" / "checkpoint"
-    state = trainutil.load_checkpoint(ckpt)
+    state = checkpoint.load_checkpoint(ckpt)
     del state["teacher_identity"]
-    trainutil.save_checkpoint(ckpt, state)
+    checkpoint.save_checkpoint(ckpt, state)
     assert T.train(kd(teacher=b, resume=True)).steps_done == 4
 
 
@@ -288,12 +288,12 @@ def test_checkpoint_roundtrip_and_schedule(tmp_path):
     opt = torch.optim.AdamW([p], lr=1e-3)
     p.sum().backward()
     opt.step()
-    state = {"opt": opt.state_dict(), "rng": trainutil.rng_state(), "t": (1, "a", None)}
-    path = trainutil.save_checkpoint(tmp_path / "ck", state)
-    back = trainutil.load_checkpoint(path.parent)
+    state = {"opt": opt.state_dict(), "rng": checkpoint.rng_state(), "t": (1, "a", None)}
+    path = checkpoint.save_checkpoint(tmp_path / "ck", state)
+    back = checkpoint.load_checkpoint(path.parent)
     assert back["t"] == (1, "a", None) and torch.equal(back["opt"]["state"][0]["exp_avg"], state["opt"]["state"][0]["exp_avg"])
-    assert [trainutil.lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    seen = torch.cat([trainutil.batch_indices(10, 3, 0, s) for s in range(3)])
+    assert [schedule.lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    seen = torch.cat([schedule.batch_indices(10, 3, 0, s) for s in range(3)])
     assert len(set(seen.tolist())) == 9  # one epoch: no window twice
 
 

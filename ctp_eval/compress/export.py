@@ -29,13 +29,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ctp_eval.files import atomic_path
 
 from .apply import block_linears, find_blocks
 from .io import INFO_FILE, QPARAMS_FILE, read_compression_info
@@ -200,7 +200,11 @@ def linear_bytes(folder: str | os.PathLike, module_names) -> int:
 
 def _quantization_config(bits: int, sym: bool, group_size: int, other_linears: list[str]):
     """One config group for every quantized Linear (`Linear` target, the other Linears ignored)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
 
     args = QuantizationArgs(
         num_bits=bits, type="int", symmetric=sym,
@@ -322,9 +326,7 @@ def export_compressed(compressed_dir: str | os.PathLike, out_dir: str | os.PathL
     reference = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval() if verify else None
     compressor, grids = _pack_model(model, qparams, spec, info.get("stats", {}).get("unused", ()))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
-    try:
+    with atomic_path(out) as tmp:  # the folder appears complete or not at all
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         cfg_file = tmp / "config.json"
@@ -364,10 +366,6 @@ def export_compressed(compressed_dir: str | os.PathLike, out_dir: str | os.PathL
                     "scales). The packed codes matched the grid bit for bit; to keep the files anyway, use "
                     "verify=False (ctp-compress --no-verify)")
         (tmp / INFO_FILE).write_text(json.dumps({**info, "export": record}, indent=1))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not record["vllm_kernels"]:
         logger.warning("%d-bit weights: vLLM's compressed-tensors kernels take 4 or 8 bits; this export loads in "
                        "transformers / compressed-tensors", spec.quant.bits)

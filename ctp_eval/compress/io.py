@@ -22,13 +22,14 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ctp_eval.files import atomic_path, slug
 
 from .apply import CompressOptions, compress_model
 from .spec import CompressSpec, parse_spec
@@ -234,25 +235,6 @@ def save_compressed(
     return out
 
 
-def _model_identity(pretrained: str | None) -> tuple[str, str]:
-    """(display id for metadata, identity for the cache key). Local folders are keyed by absolute path,
-    since two folders may share a name; the embedded default and hub ids by their id.
-
-    Deliberately not `models.model_id`: for a folder that one resolves the embedded model's folder, which
-    converts its GGUF (~18 s) on a fresh cache just to name a model.
-    """
-    from ctp_eval import models
-
-    if pretrained in (None, "", "smollm2", "default"):
-        return models.EMBEDDED_ID, models.EMBEDDED_ID
-    if os.path.isdir(str(pretrained)):
-        path = Path(pretrained).resolve()
-        if path == (models.default_cache_dir() / "models" / models.EMBEDDED_ID).resolve():
-            return models.EMBEDDED_ID, models.EMBEDDED_ID
-        return path.name, str(path)
-    return str(pretrained), str(pretrained)
-
-
 def cache_key(identity: str, spec: CompressSpec, calibration: dict | None, options: CompressOptions, dtype) -> str:
     payload = {
         "format": FORMAT,
@@ -263,10 +245,6 @@ def cache_key(identity: str, spec: CompressSpec, calibration: dict | None, optio
         "dtype": str(dtype),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
 
 
 def ensure_compressed(
@@ -313,12 +291,15 @@ def ensure_compressed(
             f"{pretrained} is already compressed with {existing.get('spec')!r}; compress the base model "
             f"{existing.get('base_model')!r} with {str(spec)!r} instead of stacking compressions"
         )
-    base, identity = _model_identity(pretrained)
+    ident = models.model_identity(pretrained)
+    base, identity = ident.name, ident.key
     dtype = models.resolve_dtype(pretrained, dtype)
     calibration = calibration_details(calib, data_dir) if spec.needs_calibration else None
     key = cache_key(identity, spec, calibration, options, dtype)
     root = Path(cache_dir) if cache_dir is not None else models.default_cache_dir() / "compressed"
-    target = root / f"{_slug(base)}__{_slug(str(spec))}__{key}"
+    target = root / f"{slug(base)[:60]}__{slug(str(spec))}__{key}"
+    if not target.exists():  # an entry named by an older naming rule: the key alone identifies it
+        target = next(root.glob(f"*__{key}"), target) if root.is_dir() else target
     if (target / INFO_FILE).is_file():
         try:
             problem = find_damage(target, read_compression_info(target))
@@ -342,18 +323,15 @@ def ensure_compressed(
         model, spec, calib_ids, options=options, device=work, batch_size=batch_size, progress=progress,
         qparams_out=qparams, activations_on_host=activations_on_host, threads=threads,
     )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        save_compressed(
-            model, tokenizer, tmp, spec=spec, base_model=base, calibration=calibration, options=options,
-            stats=stats, qparams=qparams,
-            extra={"cache_key": key, "base_model_path": identity, "compress_device": str(work),
-                   "compress_kernels": compute_kernels(work)},
-        )
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_compressed(
+                model, tokenizer, tmp, spec=spec, base_model=base, calibration=calibration, options=options,
+                stats=stats, qparams=qparams,
+                extra={"cache_key": key, "base_model_path": identity, "compress_device": str(work),
+                       "compress_kernels": compute_kernels(work)},
+            )
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / INFO_FILE).is_file():  # lost a race to another process: fine if it finished
             raise
     return str(target)

@@ -144,7 +144,7 @@ def decoder_hidden(split, ids: torch.Tensor, prompt: torch.Tensor | None, shared
     if prompt is None:
         return decoder(input_ids=ids, use_cache=False).last_hidden_state
     if shared_prefix:
-        from ctp_eval import prefix_attention
+        from ctp_eval.eval import prefix_attention
 
         prefix = prefix_attention.compute_prefix(decoder, prompt)  # the k positions once, batch 1, with gradient
         return prefix_attention.forward_text(decoder, ids, prefix).last_hidden_state

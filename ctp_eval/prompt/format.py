@@ -5,14 +5,7 @@ File format (defined here and nowhere else), a single safetensors file:
   metadata (safetensors string map):
     "format": "pt", "ctp_format": "ctp-soft-prompt", "ctp_format_version": "1",
     "ctp_metadata": JSON of `PromptMetadata` (base model, hidden size, vocab size, tokenizer fingerprint,
-                    compression spec, layout, training data, steps, seed, val PPL before/after, version, ...)
-
-Layout (`PromptMetadata.layout`, the one definition of where a prompt sits; `prefix_embeds` builds it):
-  "prompt-first" - [prompt][text]: files without the field, PEFT adapters (virtual tokens first), and every
-                   prompt trained with a tokenizer that adds no BOS (SmolLM2).
-  "after-bos"    - [BOS][prompt][text]: prompts trained with a tokenizer that adds BOS (Llama, Mistral, Gemma),
-                   whose real inputs start with BOS. A text that starts with BOS itself has it absorbed (the
-                   prefix already holds it); a text without one (a training window, a truncated request) gets it.
+                    compression spec, layout (`ctp_eval.prompt.layout`), training data, steps, seed, val PPL before/after, version, ...)
 
 Interop: a PEFT PromptTuning adapter folder (`adapter_config.json` + `adapter_model.safetensors` holding
 `prompt_embeddings`) can be read and written; our metadata rides along in the adapter file's safetensors
@@ -41,9 +34,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-LAYOUTS = ("prompt-first", "after-bos")
-
-
 class PromptError(ValueError):
     """A prompt file is unreadable or does not fit the model it is used with."""
 
@@ -55,7 +45,7 @@ class PromptMetadata:
     vocab_size: int = 0
     tokenizer_fingerprint: str = ""
     compression: str = "none"  # spec the prompt was trained on (ctp_eval.compress spec syntax)
-    layout: str = "prompt-first"  # where the prompt sits (LAYOUTS; module docstring); absent in older files
+    layout: str = "prompt-first"  # where the prompt sits (`ctp_eval.prompt.layout.LAYOUTS`); absent in older files
     calibration: dict | None = None  # that compression's calibration: dataset, split, nsamples, seqlen, seed, source
     init: str = ""  # vocab | random | text:...
     train_data: str = ""
@@ -134,6 +124,8 @@ class SoftPrompt:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if len(ids) == 0:
             raise PromptError("hard prompt text encodes to zero tokens")
+        from ctp_eval.prompt.layout import token_vectors
+
         return cls.for_model(token_vectors(model, ids), model, tokenizer, init=f"text:{text}")
 
     # ----- compatibility --------------------------------------------------------------------------------
@@ -158,11 +150,12 @@ class SoftPrompt:
         """Write the native safetensors file atomically (tmp file + rename)."""
         from safetensors.torch import save_file
 
+        from ctp_eval.files import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({TENSOR_KEY: self.embeds.detach().float().cpu().contiguous()}, str(tmp), metadata=self._file_metadata())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({TENSOR_KEY: self.embeds.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata=self._file_metadata())
         return path
 
     def _file_metadata(self) -> dict[str, str]:
@@ -288,84 +281,3 @@ class SoftPrompt:
         if not prompt.meta.base_model and cfg.get("base_model_name_or_path"):
             prompt.meta.base_model = cfg["base_model_name_or_path"]
         return prompt
-
-
-def tokenizer_adds_bos(tokenizer, add_bos_token: bool | None = None) -> bool:
-    """Whether real inputs start with BOS: `add_bos_token` when given (lm-eval's HFLM arg), else what the
-    tokenizer itself does to a plain text."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    if add_bos_token is not None:
-        return bool(add_bos_token)
-    ids = tokenizer("a").input_ids
-    return len(ids) > 0 and ids[0] == bos
-
-
-def layout_for(tokenizer, add_bos_token: bool | None = None) -> str:
-    """The layout a prompt trained or applied with this tokenizer uses: after BOS where inputs start with one."""
-    return "after-bos" if tokenizer_adds_bos(tokenizer, add_bos_token) else "prompt-first"
-
-
-def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise PromptError(f"unknown prompt layout {layout!r} (this ctp-eval knows {LAYOUTS})")
-    return layout
-
-
-def prefix_embeds(model, tokenizer, prompt: torch.Tensor, layout: str) -> torch.Tensor:
-    """(P, d) what goes in front of the text: `prompt` (k, d) itself, or [BOS vector; prompt] for "after-bos"
-    (P = k + 1). Differentiable in `prompt` (training builds its prefix here too); the BOS row is the model's own
-    embedding of the token, as any real token's."""
-    if check_layout(layout) == "prompt-first":
-        return prompt
-    bos = token_vectors(model, torch.tensor([tokenizer.bos_token_id]))  # (1, d)
-    return torch.cat([bos.to(device=prompt.device, dtype=prompt.dtype), prompt])
-
-
-def token_vectors(model, ids: torch.Tensor) -> torch.Tensor:
-    """(n, d) float32 prompt vectors of token ids (n,): the model's own input-embedding forward, so any scale it
-    applies (Gemma multiplies by sqrt(hidden_size) inside the embedding module) is included. The one way token
-    ids become prompt vectors (hard prompts, text and vocabulary init); prompts live in inputs_embeds space."""
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        return embed(ids.to(embed.weight.device).unsqueeze(0))[0].detach().float().cpu().clone()
-
-
-def init_from_vocab(model, k: int, seed: int = 0, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Lester et al. init: the vectors of k tokens sampled without replacement from the vocabulary, or from
-    `candidates` (token ids, e.g. the most frequent tokens of the training data)."""
-    pool = candidates if candidates is not None else torch.arange(model.get_input_embeddings().weight.shape[0])
-    if len(pool) < k:
-        raise ValueError(f"cannot sample {k} distinct tokens from {len(pool)} candidates")
-    gen = torch.Generator().manual_seed(seed)
-    return token_vectors(model, pool[torch.randperm(len(pool), generator=gen)[:k]])
-
-
-def forward_with_prompt(model, input_ids: torch.Tensor, prompt_embeds: torch.Tensor | None, attention_mask=None,
-                        shared_prefix: bool = False):
-    """Logits aligned to `input_ids` (B, T, V) with `prompt_embeds` (k, d) in front of every row.
-
-    Default: the reference ("prepend") path, [prompt; text] as inputs_embeds; gradients flow into the prompt; the
-    k prompt positions' logits are dropped so callers index logits exactly as without a prompt. Right padding
-    only (positions count from 0). `shared_prefix=True`: the prompt's k positions run once for the whole batch
-    and every row attends to their keys/values (`ctp_eval.prefix_attention`); same logits and gradients, with
-    (B-1)*k fewer decoder positions. It takes no attention_mask (right padding needs none: attention is causal).
-    """
-    if prompt_embeds is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    if shared_prefix:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("shared_prefix=True takes right-padded rows without an attention mask")
-        from ctp_eval import prefix_attention
-
-        prefix = prefix_attention.compute_prefix(model, prompt_embeds)
-        return prefix_attention.forward_text(model, input_ids, prefix).logits
-    embed = model.get_input_embeddings()
-    tok = embed(input_ids)  # (B, T, d)
-    bsz, k = input_ids.shape[0], prompt_embeds.shape[0]
-    prefix = prompt_embeds.to(device=tok.device, dtype=tok.dtype).unsqueeze(0).expand(bsz, -1, -1)  # (B, k, d)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.new_ones(bsz, k), attention_mask], dim=1)
-    out = model(inputs_embeds=torch.cat([prefix, tok], dim=1), attention_mask=attention_mask)
-    return out.logits[:, k:]

@@ -16,7 +16,18 @@ import math
 import os
 from pathlib import Path
 
-from ctp_eval.runs import MC_TASKS, PPL_TASKS, MCScore, Run, label, load_runs, main_k, multi_build_specs, spec_sort_key  # noqa: F401
+from ctp_eval import files
+from ctp_eval.study.runs import (  # noqa: F401
+    MC_TASKS,
+    PPL_TASKS,
+    MCScore,
+    Run,
+    label,
+    load_runs,
+    main_k,
+    multi_build_specs,
+    spec_sort_key,
+)
 
 
 # ----- formatting ------------------------------------------------------------------------------------------
@@ -348,13 +359,10 @@ def write_leaderboard(results: list[str | os.PathLike], out: str | os.PathLike, 
     title = title or f"ctp-eval leaderboard: {', '.join(sorted({r.model for r in runs}))}"
     plot_refs: list[tuple[str, str]] = []
     if plots:
-        from ctp_eval.plots import ppl_vs_compression
+        from ctp_eval.study.plots import ppl_vs_compression
 
         for caption, png in ppl_vs_compression(runs, out.with_suffix("")):
             plot_refs.append((caption, os.path.relpath(png, out.parent)))
     command = regeneration_command([Path(r) for r in results], out, title, notes_file, plots, notes)
     text = render_markdown(runs, title, plot_refs, notes, command)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return files.write_text(out, text)

@@ -101,7 +101,7 @@ def model_logits_fn(model, prompt: torch.Tensor | None = None):
         nonlocal prefix
         if prompt is None:
             return model(input_ids=ids.to(device)).logits
-        from ctp_eval import prefix_attention
+        from ctp_eval.eval import prefix_attention
 
         if prefix is None:  # window_nlls runs under no_grad, so the prefix carries no graph
             prefix = prefix_attention.compute_prefix(model, prompt)

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 
 from ctp_eval.data import TRAIN_SPLITS
-from ctp_eval.losses import LOSSES
-from ctp_eval.trainutil import SCHEDULES
+from ctp_eval.train.losses import LOSSES
+from ctp_eval.train.schedule import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ METHODS = ("prompt", "lora")
 DTYPES = ("float32", "bfloat16")
 PAPER_WARMUP = 500
 # Flags that may differ between a run and its --resume without changing what is computed. `model` and `teacher`
-# are compared by identity, not by path: see trainsetup.model_identity / teacher_identity.
+# are compared by identity, not by path: see train.setup.target_identity / teacher_identity.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "save_every", "stop_after", "device", "model", "teacher",
                      "teacher_cache", "data_dir", "recipe_name")
 # What defines how a prompt was learned (prompt metadata `extra.recipe`, ctp-bench --recipe).

@@ -10,9 +10,15 @@ import logging
 
 import torch
 
-from ctp_eval.losses import Objective, TeacherTargets, chunked_loss_backward, full_loss, split_head
-from ctp_eval.prefix_attention import shared_prefix_pays
-from ctp_eval.prompt import PromptError, SoftPrompt, init_from_vocab, prefix_embeds, token_vectors
+from ctp_eval.eval.prefix_attention import shared_prefix_pays
+from ctp_eval.prompt.layout import prefix_embeds
+from ctp_eval.train.losses import (
+    Objective,
+    TeacherTargets,
+    chunked_loss_backward,
+    full_loss,
+    split_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,46 +32,6 @@ def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, t
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
     return chunked_loss_backward(split, ids, prompt, chunk, objective, teacher, shared_prefix=shared_prefix)
-
-
-# ---------------------------------------------------------------- prompt init
-
-
-def most_frequent_tokens(windows: torch.Tensor, n: int) -> torch.Tensor:
-    """The n most frequent token ids of the training windows (ties broken by id)."""
-    counts = torch.bincount(windows.reshape(-1))
-    return torch.argsort(-counts, stable=True)[:n]
-
-
-def init_prompt(model, tokenizer, init: str, k: int, seed: int, train_windows: torch.Tensor | None = None) -> torch.Tensor:
-    """(k, d) float32 initial prompt. vocab: the vectors of k sampled vocabulary tokens (Lester et al.); vocab:N:
-    sampled from the N most frequent tokens of `train_windows` (Lester et al. use the 5,000 most common); random: N(0, s^2)
-    with s the embedding matrix's std (a unit normal would dwarf real embeddings); text:... / paper: the
-    text's token embeddings tiled or cut to k rows (as PEFT's TEXT init); file:PATH: a saved prompt (warm
-    start, e.g. from another spec's), which must fit the model and have k rows."""
-    if init == "vocab":
-        return init_from_vocab(model, k, seed)
-    if init.startswith("vocab:"):
-        if train_windows is None:
-            raise ValueError(f"--init {init} needs the training windows to count token frequencies")
-        return init_from_vocab(model, k, seed, candidates=most_frequent_tokens(train_windows, int(init[6:])))
-    if init.startswith("file:"):
-        prompt = SoftPrompt.load(init[len("file:") :])
-        prompt.check_compatible(model, tokenizer)
-        if prompt.k != k:
-            raise PromptError(f"--init {init}: the prompt has {prompt.k} rows, --k is {k}")
-        return prompt.embeds.clone()
-    weight = model.get_input_embeddings().weight
-    if init == "random":
-        # the std of prompt-space vectors: the embedding module's own scale (Gemma: sqrt(hidden)) included
-        probe = torch.arange(min(1024, weight.shape[0]))
-        scale = (token_vectors(model, probe).norm() / weight[probe.to(weight.device)].detach().float().cpu().norm()).item()
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(k, weight.shape[1], generator=gen) * weight.float().std().item() * scale
-    text = "paper" if init == "paper" else init[len("text:") :]
-    rows = SoftPrompt.from_text(text, model, tokenizer).embeds  # (n, d)
-    reps = -(-k // rows.shape[0])
-    return rows.repeat(reps, 1)[:k].clone()
 
 
 # ---------------------------------------------------------------- tuners
@@ -160,25 +126,15 @@ class LoraTuner:
                 params[n].copy_(state[n])
 
     def save_adapter(self, directory, state: dict[str, torch.Tensor] | None = None) -> None:
-        """PEFT adapter folder of `state` (default: current weights), written to a temp dir then renamed."""
-        import os
-        import shutil
-        from pathlib import Path
+        """PEFT adapter folder of `state` (default: current weights), replaced atomically."""
+        from ctp_eval.files import atomic_path
 
-        directory = Path(directory)
         current = self.state() if state is not None else None
         if state is not None:
             self.load_state(state)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.peft_model.save_pretrained(str(tmp))
+            with atomic_path(directory, replace_folder=True) as tmp:
+                self.peft_model.save_pretrained(str(tmp))
         finally:
             if current is not None:
                 self.load_state(current)
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctp_eval.runs import PPL_TASKS, Run, main_k
+from ctp_eval.study.runs import PPL_TASKS, Run, main_k
 
 
 def _level(spec: str) -> tuple[str, float] | None:

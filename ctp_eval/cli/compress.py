@@ -1,41 +1,11 @@
-"""Console entry points. Parsing and printing only; the work lives in the library modules."""
+"""`ctp-compress`: compress once (cached), copy or export the result."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 
-def eval_main(argv: list[str] | None = None) -> None:
-    """`ctp-eval ...`: the stock lm-eval CLI with `ctp` registered and `--model ctp` as the default model.
-
-    Everything after `ctp-eval` is lm-eval's own syntax (`ctp-eval --tasks ctp_paper --model_args prompt=p.safetensors`).
-    Our task folder is always searched, so `--include_path` is never needed for the `ctp_*` tasks.
-    """
-    from ctp_eval import _hook
-
-    _hook.install()  # idempotent; covers installs where the .pth hook was not run (e.g. PYTHONNOUSERSITE tricks)
-    args = list(sys.argv[1:] if argv is None else argv)
-    subcommands = {"run", "ls", "validate"}
-    run_mode = not args or args[0] not in subcommands or args[0] == "run"
-    if run_mode and not any(a == "--model" or a.startswith("--model=") for a in args):
-        args = ["--model", "ctp", *args]
-    if args and args[0] not in subcommands and not any(a in ("-h", "--help") for a in args[:1]):
-        args = ["run", *args]
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["ctp-eval", *args]
-    cli_evaluate()
-
-
-def train_main(argv: list[str] | None = None) -> None:
-    """`ctp-train ...`: learn a soft prompt (or a LoRA baseline) on a (compressed) model."""
-    from ctp_eval.train import main
-
-    main(argv)
-
-
-def compress_main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """`ctp-compress --spec gptq:w3g128 [--model M] [--out DIR] [--export DIR]`: compress once, reuse in many runs.
 
     The result is cached under $CTP_CACHE_DIR/compressed (keyed by model + spec + calibration + options + dtype),
@@ -48,12 +18,21 @@ def compress_main(argv: list[str] | None = None) -> None:
     import logging
     import shutil
 
-    from ctp_eval.compress import CalibConfig, CompressOptions, SpecError, ensure_compressed
-    from ctp_eval.compress.export import ExportError, export_compressed, spec_export_problem
-    from ctp_eval.configargs import add_dataclass_args, config_from_args
+    from ctp_eval.cli.configargs import add_dataclass_args, config_from_args
+    from ctp_eval.compress import (
+        CalibConfig,
+        CompressOptions,
+        SpecError,
+        ensure_compressed,
+    )
+    from ctp_eval.compress.export import (
+        ExportError,
+        export_compressed,
+        spec_export_problem,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="ctp-compress", description=compress_main.__doc__,
+    ap = argparse.ArgumentParser(prog="ctp-compress", description=main.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="compression spec, e.g. gptq:w3g128, sparsegpt:0.5+gptq:w4")
@@ -113,29 +92,3 @@ def compress_main(argv: list[str] | None = None) -> None:
         except ExportError as err:
             raise SystemExit(f"ctp-compress: cannot export: {err}")
         print(args.export)
-
-
-def leaderboard_main(argv: list[str] | None = None) -> None:
-    """`ctp-leaderboard RESULTS... --out leaderboards/NAME.md`: markdown tables + plots from results JSON."""
-    import argparse
-
-    from ctp_eval.leaderboard import write_leaderboard
-
-    ap = argparse.ArgumentParser(prog="ctp-leaderboard", description=leaderboard_main.__doc__)
-    ap.add_argument("results", nargs="+", help="lm-eval results_*.json files or folders holding them (searched recursively)")
-    ap.add_argument("--out", required=True, help="markdown file to write; plots are written beside it")
-    ap.add_argument("--title", default=None)
-    ap.add_argument("--notes", default="", help="a markdown paragraph placed under the header (e.g. the training budget)")
-    ap.add_argument("--notes-file", default=None, help="read --notes from this file")
-    ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        path = write_leaderboard(args.results, args.out, title=args.title, plots=not args.no_plots, notes=args.notes,
-                                 notes_file=args.notes_file)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"ctp-leaderboard: {err}")
-    print(path)
-
-
-if __name__ == "__main__":
-    eval_main()

@@ -14,13 +14,8 @@ from pathlib import Path
 
 from lm_eval.utils import simple_parse_args_string
 
-PPL_TASKS = {"ctp_c4": "C4", "ctp_wikitext2": "WikiText-2", "ctp_ptb": "PTB"}
-MC_TASKS = {
-    "ctp_openbookqa": "OBQA",
-    "ctp_hellaswag": "HellaSwag",
-    "ctp_piqa": "PIQA",
-    "ctp_mmlu_hs_european_history": "MMLU hs-eu-hist",
-}
+from ctp_eval.presets import MC_TASKS, PPL_TASKS  # noqa: F401  (read by the leaderboard through here)
+
 KIND_ORDER = {"dense": 0, "none": 1, "hard": 2, "learned": 3, "lora": 4}
 KIND_LABEL = {"dense": "dense", "none": "no prompt", "hard": "hard prompt", "learned": "learned prompt", "lora": "LoRA"}
 
@@ -176,7 +171,9 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
 # ----- ordering --------------------------------------------------------------------------------------------
 def spec_sort_key(spec: str) -> tuple:
     """none, then quantization (more bits first), then sparsity (less first), then joint specs."""
-    from ctp_eval.compress.spec import parse_spec  # the one spec grammar; imports no torch
+    from ctp_eval.compress.spec import (
+        parse_spec,  # the one spec grammar; imports no torch
+    )
 
     parsed = parse_spec(spec)
     if parsed.is_none:

@@ -26,16 +26,19 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctp_eval.trainconfig import (  # noqa: F401  (re-exported: the public names of ctp-train)
-    DTYPES, METHODS, RESUME_MAY_CHANGE, TrainConfig, TrainError, TrainingDiverged,
+from ctp_eval.train.config import (  # noqa: F401  (re-exported: the public names of ctp-train)
+    DTYPES,
+    METHODS,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    TrainError,
+    TrainingDiverged,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,14 +73,14 @@ class _State:
 
 
 def build_tuner(model, tokenizer, cfg: TrainConfig, train_windows=None):
-    from ctp_eval import tuners
+    from ctp_eval.train import tuners
 
     if cfg.method == "lora":
         return tuners.LoraTuner(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()], cfg.loss_chunk)
-    from ctp_eval.prompt import layout_for
+    from ctp_eval.prompt import init_prompt, layout_for
 
-    init = tuners.init_prompt(model, tokenizer, cfg.init, cfg.k, cfg.seed, train_windows=train_windows)
+    init = init_prompt(model, tokenizer, cfg.init, cfg.k, cfg.seed, train_windows=train_windows)
     return tuners.PromptTuner(model, init, cfg.loss_chunk, tokenizer=tokenizer, layout=layout_for(tokenizer))
 
 
@@ -86,7 +89,7 @@ def make_optimizer(tuner, cfg: TrainConfig):
 
     import torch
 
-    from ctp_eval.trainutil import lr_factor
+    from ctp_eval.train.schedule import lr_factor
 
     opt = torch.optim.AdamW(tuner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -100,7 +103,7 @@ def train_step(tuner, optimizer, scheduler, ids, max_grad_norm: float, autocast=
     either is not finite, so the caller still holds the last good prompt. `teacher`: its targets for ids."""
     import torch
 
-    from ctp_eval.losses import Objective
+    from ctp_eval.train.losses import Objective
 
     optimizer.zero_grad(set_to_none=True)
     with autocast or contextlib.nullcontext():
@@ -129,12 +132,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; see the module docstring for the outputs."""
     import torch
 
-    from ctp_eval import data, ppl, trainsetup, trainutil
-    from ctp_eval.losses import Objective
+    from ctp_eval import data, signals
+    from ctp_eval.eval import ppl
+    from ctp_eval.train import checkpoint, distributed, runlog, schedule
+    from ctp_eval.train import setup as trainsetup
+    from ctp_eval.train.losses import Objective
 
-    dist = trainutil.distributed(cfg.device)
+    dist = distributed.distributed(cfg.device)
     out = Path(cfg.out)
-    identity = trainsetup.model_identity(cfg)
+    identity = trainsetup.target_identity(cfg)
     ckpt = _prepare_out(cfg, out, dist, identity)
     model, tokenizer, compression = trainsetup.load_model(cfg, dist.device)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -153,7 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                          "use a smaller --seqlen/--batch-size or more data")
     layout = dict(world=dist.world, global_batch=global_batch, n_windows=len(wins),
                   source=data.corpus_source(cfg.data, cfg.data_split, cfg.data_dir),
-                  stream_sha256=trainutil.stream_hash(wins))
+                  stream_sha256=schedule.stream_hash(wins))
     if cfg.method == "prompt":  # where the prompt sits changes the objective: a resume must keep it
         from ctp_eval.prompt import layout_for
 
@@ -194,7 +200,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                      val_ppl_after=st.best_ppl if best else st.last_ppl, extra=dict(extra, kind=kind, best_step=st.best_step))
             _write_artifact(tuner, model, tokenizer, out, kind, state, m)
 
-    log = trainutil.RunLog(out / "train_log.jsonl", dist.rank == 0)
+    log = runlog.RunLog(out / "train_log.jsonl", dist.rank == 0)
     if ckpt is not None:
         tuner.load_state(ckpt["tuner"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -202,7 +208,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         best_state = ckpt["best"]
         st = _State(**ckpt["run"])
         rng = ckpt["rng"]  # one state per rank (a list), or a single state from an older checkpoint
-        trainutil.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+        checkpoint.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
         log.truncate_after(st.step)
         logger.info("resumed at step %d of %d (best val ppl %.4f at step %d)", st.step, cfg.steps, st.best_ppl, st.best_step)
     else:
@@ -215,9 +221,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def save() -> None:
         write("last", tuner.state(), st)
-        rngs = dist.gather_objects(trainutil.rng_state())  # collective: every rank takes part
+        rngs = dist.gather_objects(checkpoint.rng_state())  # collective: every rank takes part
         if dist.rank == 0:
-            trainutil.save_checkpoint(out / "checkpoint", dict(
+            checkpoint.save_checkpoint(out / "checkpoint", dict(
                 tuner=tuner.state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 best=best_state, run=dataclasses.asdict(st), rng=rngs, data=layout, model_identity=identity,
                 teacher_identity=teacher.identity if teacher else None))
@@ -228,13 +234,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                disable=not cfg.progress or dist.rank != 0, dynamic_ncols=True)
     stopped_by, first_step = None, st.step
     model.train()  # dropout (LoRA's) on; HF gradient checkpointing only acts in train mode
-    with trainutil.StopSignals() as stop, bar:
+    with signals.StopSignals() as stop, bar:
         while st.step < cfg.steps:
             signum = dist.agree(stop.signum)
             if signum is not None or (cfg.stop_after is not None and st.step - first_step >= cfg.stop_after):
                 stopped_by = signal.Signals(signum).name if signum is not None else "stop_after"
                 break
-            rows = trainutil.batch_indices(len(wins), global_batch, cfg.seed, st.step)
+            rows = schedule.batch_indices(len(wins), global_batch, cfg.seed, st.step)
             mine = rows[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
             ids = wins[mine].to(dist.device)
             t0 = time.perf_counter()
@@ -303,7 +309,8 @@ def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
     ranks when data parallel."""
     import torch
 
-    from ctp_eval import data, ppl
+    from ctp_eval import data
+    from ctp_eval.eval import ppl
 
     batch = cfg.val_batch_size or cfg.batch_size
     if dist.world == 1:
@@ -342,8 +349,8 @@ def _check_teacher(ckpt: dict, now: dict | None) -> None:
 def _prepare_out(cfg: TrainConfig, out: Path, dist, identity: dict) -> dict | None:
     """Check/clean the output folder; return the checkpoint to resume from, if any. Every rank reads config.json
     before rank 0 rewrites it (atomically), and a barrier keeps the ranks in step. `identity`: what the model is
-    (`trainsetup.model_identity`); a resume must be on the same one, wherever its folder now lives."""
-    from ctp_eval.trainutil import load_checkpoint
+    (`trainsetup.target_identity`); a resume must be on the same one, wherever its folder now lives."""
+    from ctp_eval.train.checkpoint import load_checkpoint
 
     ckpt_dir = out / "checkpoint"
     config_file = out / "config.json"
@@ -372,58 +379,8 @@ def _prepare_out(cfg: TrainConfig, out: Path, dist, identity: dict) -> dict | No
     dist.barrier()  # everyone has read config.json
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = config_file.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
-        os.replace(tmp, config_file)
+        from ctp_eval import files
+
+        files.write_text(config_file, json.dumps(mine, indent=1, sort_keys=True))
     dist.barrier()
     return ckpt
-
-
-# ---------------------------------------------------------------- command line
-
-
-def build_parser():
-    import argparse
-
-    from ctp_eval.configargs import add_dataclass_args
-
-    parser = argparse.ArgumentParser(
-        prog="ctp-train", description="Learn a soft prompt (or LoRA baseline) for a (compressed) causal LM.",
-        epilog="Multi-GPU: accelerate launch --multi_gpu --num_processes N -m ctp_eval.train --out DIR ... "
-               "(--batch-size is per process). Interrupt with Ctrl-C/SIGTERM and continue with --resume.")
-    add_dataclass_args(parser, TrainConfig, required=("out",))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry: parse, train, print a summary. Exits 2 on bad flags/data, 3 on divergence, 128+signal."""
-    from ctp_eval.configargs import config_from_args
-    from ctp_eval.data import DataUnavailableError
-    from ctp_eval.prompt import PromptError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(TrainConfig, args)
-    except ValueError as err:
-        parser.error(str(err))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = train(cfg)
-    except TrainingDiverged as err:
-        print(f"ctp-train: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except (TrainError, DataUnavailableError, PromptError, FileNotFoundError) as err:
-        print(f"ctp-train: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: one summary, from rank 0
-        return
-    print(f"val ppl {result.val_ppl_before:.4f} -> {result.best_val_ppl:.4f} (best at step {result.best_step}); "
-          f"{result.steps_done} steps, {result.tokens_per_s:.1f} tok/s, {result.trainable_params} trainable params")
-    print(f"best: {result.artifact}")
-    if result.stopped_by in ("SIGINT", "SIGTERM"):
-        raise SystemExit(128 + int(signal.Signals[result.stopped_by]))
-
-
-if __name__ == "__main__":
-    main()

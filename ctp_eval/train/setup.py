@@ -1,6 +1,6 @@
 """What a `ctp-train` run trains on: the (compressed) model, its identity, and the distillation teacher.
 
-Identity (`model_identity`): base model + compression spec + calibration + build, independent of where the
+Identity (`target_identity`): base model + compression spec + calibration + build, independent of where the
 compressed folder lives, so `--resume` works on a machine whose cache path differs and refuses another build.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ctp_eval.trainconfig import TrainConfig, TrainError
+from ctp_eval.train.config import TrainConfig, TrainError
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def compressed_info(path) -> dict | None:
     return read_compression_info(path) if path and os.path.isdir(str(path)) else None
 
 
-def model_identity(cfg: TrainConfig) -> dict:
+def target_identity(cfg: TrainConfig) -> dict:
     """What the prompt is trained on, independent of where it lives on disk: base model, spec, calibration.
     `--resume` compares this (not the path), so a run resumes on a machine whose cache path differs."""
     from ctp_eval import models
@@ -101,7 +101,7 @@ def teacher_identity(cfg: TrainConfig, identity: dict, tokenizer) -> dict:
 def load_teacher(cfg: TrainConfig, identity: dict, tokenizer, dist, wins):
     from ctp_eval import models
     from ctp_eval.prompt import tokenizer_fingerprint
-    from ctp_eval.teacher import Teacher
+    from ctp_eval.train.teacher import Teacher
 
     path = teacher_path(cfg)
     dtype = cfg.torch_dtype

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ctp_eval.losses import TeacherTargets, decoder_hidden, split_head
-from ctp_eval.trainutil import stream_hash
+from ctp_eval import files
+from ctp_eval.train.losses import TeacherTargets, decoder_hidden, split_head
+from ctp_eval.train.schedule import stream_hash
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ class Teacher:
                                  if meta.get(k) != have.get(k))
                 raise ValueError(f"teacher cache {self.cache} was made for other settings: {diff}; use another folder")
         elif rank == 0:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{CACHE_META}.tmp")
-            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            files.write_text(path, json.dumps(meta, indent=1, sort_keys=True))
 
     @torch.no_grad()
     def _topk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +97,8 @@ class Teacher:
             else:
                 v, i = self._topk(row_ids.unsqueeze(0))
                 d = {"logprobs": v[0].contiguous(), "ids": i[0].contiguous()}
-                tmp = f.with_name(f".{f.name}.tmp")
-                save_file(d, str(tmp))
-                os.replace(tmp, f)
+                with files.atomic_path(f) as tmp:
+                    save_file(d, str(tmp))
                 self.misses += 1
             vals.append(d["logprobs"])
             idx.append(d["ids"])

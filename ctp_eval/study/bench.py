@@ -17,12 +17,8 @@ commands.log (every command run, with exit code and wall time). Compressed model
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
-import os
-import re
 import shlex
 import signal
 import subprocess
@@ -31,20 +27,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctp_eval.configargs import add_dataclass_args, config_from_args
+from ctp_eval import files, presets
+from ctp_eval.files import slug  # noqa: F401  (part of this module's API: run and prompt names)
 from ctp_eval.signals import SignalScope
 
 logger = logging.getLogger(__name__)
 
-PPL_TASKS = "ctp_c4,ctp_wikitext2,ctp_ptb"
-MC_TASKS = "ctp_openbookqa,ctp_hellaswag,ctp_piqa,ctp_mmlu_hs_european_history"
-PAPER_SPECS = "gptq:w4,gptq:w3g128,gptq:w2g64,sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,sparsegpt:0.5+gptq:w4"
-# ctp-train's paper defaults of the recipe flags that ctp-bench passes through (anything else needs --recipe)
-PAPER_RECIPE = dict(lr=None, lr_schedule="linear", warmup_steps=None, init="vocab", loss="ce", kd_weight=0.5,
-                    teacher_topk=0, train_dtype=None, seed=0)
-# --quick: the recipe this project recommends at a small CPU budget (see the leaderboard's recipe study)
-QUICK_RECIPE = dict(recipe="kd", loss="kd", lr=3e-2)
-
+PPL_TASKS = ",".join(presets.PPL_TASKS)
+MC_TASKS = ",".join(presets.MC_TASKS)
+PAPER_SPECS = ",".join(presets.PAPER_SPECS)
 
 def _m(help_text: str) -> dict:
     return {"help": help_text}
@@ -132,7 +123,7 @@ class BenchConfig:
             self.calib_nsamples, self.calib_seqlen, self.max_length = 16, 512, 1124
             self.standard_ppl = False
             self.val_seqlen = 1024
-            for name, value in QUICK_RECIPE.items():
+            for name, value in presets.QUICK_RECIPE.items():
                 setattr(self, name, value)
         from ctp_eval.compress import parse_spec
         from ctp_eval.data import TRAIN_SPLITS
@@ -150,7 +141,7 @@ class BenchConfig:
         self.transfer_list = spec_list(self.transfer_from)
         if self.train_split not in TRAIN_SPLITS:
             raise ValueError(f"--train-split must be one of {TRAIN_SPLITS}, got {self.train_split!r}")
-        changed = [f"--{f.replace('_', '-')}" for f, paper in PAPER_RECIPE.items() if getattr(self, f) != paper]
+        changed = [f"--{f.replace('_', '-')}" for f, paper in presets.PAPER_RECIPE.items() if getattr(self, f) != paper]
         if changed and not self.recipe:
             raise ValueError(f"{', '.join(changed)} differ from the paper's recipe: name the recipe with --recipe NAME "
                              "(it keeps its prompts and results apart from the paper-recipe ones)")
@@ -165,10 +156,6 @@ class BenchConfig:
         """Names a learned prompt's run: k, plus the training data where it is not the paper's C4 train."""
         data = "" if (self.train_data, self.train_split) == ("c4", "train") else f"-{slug(self.train_data)}-{self.train_split}"
         return f"k{self.k}{data}" + (f"-{self.recipe}" if self.recipe else "")
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def _bin(name: str) -> str:
@@ -319,9 +306,8 @@ class Runner:
         if not cfg.dry_run:  # publish the best-validation prompt only once training has finished
             import shutil
 
-            self.prompts.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / "prompt.safetensors", published.with_suffix(".tmp"))
-            os.replace(published.with_suffix(".tmp"), published)
+            with files.atomic_path(published) as tmp:
+                shutil.copyfile(out / "prompt.safetensors", tmp)
         return published
 
     def all(self) -> Path | None:
@@ -346,26 +332,7 @@ class Runner:
                               f"{self.model_args(target)},prompt={prompt}", dense=False, mc=False)
         if cfg.dry_run:
             return None
-        from ctp_eval.leaderboard import write_leaderboard
+        from ctp_eval.study.leaderboard import write_leaderboard
 
         md = Path(cfg.leaderboard or self.out / "leaderboard.md")
         return write_leaderboard([self.results], md, notes_file=cfg.notes_file)
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="ctp-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(ap, BenchConfig)
-    try:
-        cfg = config_from_args(BenchConfig, ap.parse_args(argv))
-    except ValueError as err:
-        ap.error(str(err))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "bench_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    md = Runner(cfg).all()
-    if md:
-        print(f"[ctp-bench] leaderboard: {md}")
-
-
-if __name__ == "__main__":
-    main()
