@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, on a machine with CUDA: the CUDA tests (tests/test_cuda.py), then issue 15's ratios
+# The GPU checks in one run, on a machine with CUDA: the CUDA tests (tests/test_cuda.py), then the speed ratios
 # (evaluation prompt overhead, training speed and memory vs a PEFT loop) in bf16 on random-weight models of
 # SmolLM2-135M's and Llama-3.2-1B's shapes (bench/shape_model.py: timings need the shape, not the weights).
 #

@@ -14,7 +14,7 @@ machine hits every variant alike. The load average is printed before and after: 
     python bench/prompt_overhead.py --workload docs --dtype bfloat16 --threads 2
     python bench/prompt_overhead.py --model DIR --device cuda --dtype bfloat16   # GPU (timings: .item() syncs)
 
-Targets (issue 15): ctp+prompt (cache) / ctp <= 1.05 on both workloads; ctp / hf <= 1 within noise.
+Targets: ctp+prompt (cache) / ctp <= 1.05 on both workloads; ctp / hf <= 1 within noise.
 """
 
 from __future__ import annotations

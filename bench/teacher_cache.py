@@ -10,7 +10,7 @@ windows and settings; tokens/s is the median of the per-step figures ctp-train l
 not in the figure. The runs go in order kd, kd-cold, kd-warm, ce, --repeats times; kd-cold gets a fresh cache
 folder every repeat. Quote figures from an idle machine only (the load average is printed).
 
-The point (issue 14): a rerun trains every spec on the same windows with the same dense teacher, so the teacher's
+The point: a rerun trains every spec on the same windows with the same dense teacher, so the teacher's
 forward is paid once for all specs when cached, and KD then costs what CE costs per step.
 """
 

@@ -9,7 +9,7 @@ Variants, each run in its own subprocess (neither sees the other's allocations),
   ctp          `ctp_eval.train.train_step` as ctp-train runs it: on CPU the prompt's k positions once per step,
                shared by the rows (prompt-aware attention), on a GPU prepended to every row
                (`prefix_attention.shared_prefix_pays`); chunked LM-head loss over the text positions only
-  ctp-prepend  the same step with the prompt prepended to every row (shared_prefix=False; ctp-train before issue 15)
+  ctp-prepend  the same step with the prompt prepended to every row (shared_prefix=False; what ctp-train runs on GPUs)
   ctp-shared   the same step with the prompt shared by the rows (shared_prefix=True; ctp-train's CPU default)
   ctp-full     the default step with --loss-chunk 0 (full (B, T, V) logits)
   peft         get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
@@ -19,7 +19,7 @@ untimed ones. Memory: on CUDA, max_memory_allocated during the steps; on CPU, th
 Medians over the repeats are reported, with every run, the load average before and after, and ratio lines.
 --interleave adds a one-process measurement with the variants' steps alternated (speed only).
 
-Targets (issue 15): ctp / peft >= 1.5x tokens/s at the same dtype and settings, with peak memory <= 0.7x.
+Targets: ctp / peft >= 1.5x tokens/s at the same dtype and settings, with peak memory <= 0.7x.
 """
 
 from __future__ import annotations

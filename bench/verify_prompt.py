@@ -1,9 +1,9 @@
-"""Recompute a published prompt's recovery from the prompt file alone (issue 14's independent check).
+"""Recompute a published prompt's recovery from the prompt file alone (an independent check of a leaderboard row).
 
 Reads the prompt's metadata (base model, compression spec, calibration), rebuilds that compressed model with
 the named calibration (through the cache), checks that the rebuild is the build the prompt was trained on
 (where the prompt records it), and scores dense / compressed / compressed + prompt with the perplexity
-protocol directly (`ctp_eval.ppl`, not through lm-eval), then prints the share of the gap the prompt closes.
+protocol directly (`ctp_eval.eval.ppl`, not through lm-eval), then prints the share of the gap the prompt closes.
 
     python bench/verify_prompt.py prompts/smollm2-135m/gptq-w3g128-k100-kd.safetensors --corpus c4 --limit-windows 16
 """

@@ -1,10 +1,10 @@
 """Our GPTQ / SparseGPT against llm-compressor 0.14's on the same model and the same calibration tokens:
-compression wall time and WikiText-2 token perplexity of both results (issue 15).
+compression wall time and WikiText-2 token perplexity of both results.
 
     python bench/vs_llmcompressor.py                # gptq:w4 and sparsegpt:0.5 on SmolLM2-135M, 3 repeats, all windows
     python bench/vs_llmcompressor.py --specs gptq:w4 --repeats 1 --limit-windows 40 --threads 2     # quick
 
-Target (issue 15): our wall <= 1.0x llm-compressor's at equal or better perplexity.
+Target: our wall <= 1.0x llm-compressor's at equal or better perplexity.
 
 How it runs:
 * llm-compressor lives in its own venv (`--llmc-venv`, default ~/.cache/ctp_eval/bench-llmcompressor-venv),

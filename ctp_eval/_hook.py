@@ -89,7 +89,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
-    # lm_eval may already be imported (e.g. this hook installed late by `import ctp_eval.lm`).
+    # lm_eval may already be imported (e.g. this hook installed late by `import ctp_eval.eval.lm`).
     if "lm_eval.models" in sys.modules:
         register_model()
     if "lm_eval.tasks.manager" in sys.modules:

@@ -183,19 +183,42 @@ def resolve_dtype(pretrained: str | os.PathLike | None, dtype=None):
     return dtype
 
 
-def load_model_and_tokenizer(pretrained: str | None = None, *, dtype=None, device: str = "cpu"):
+def load_model_and_tokenizer(pretrained: str | None = None, *, dtype=None, device: str = "cpu",
+                             input_grad: bool = False):
     """Load a causal LM + tokenizer (frozen, eval mode; refused if it cannot take a prompt).
 
-    `dtype` defaults to float32; "auto" keeps the checkpoint's own dtype (see `resolve_dtype`).
+    `dtype` defaults to float32; "auto" keeps the checkpoint's own dtype (see `resolve_dtype`). A checkpoint
+    another tool quantized goes through `ctp_eval.external.prepare_for_prompt` (`input_grad`: it will train a
+    prompt); its quantization is then `external_quantization(model)`. One that cannot load here is refused in
+    one line naming the missing package or kernel (`ctp_eval.external.ExternalCheckpointError`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ctp_eval import external
+
     path = resolve_pretrained(pretrained)
+    ours = (Path(path) / "ctp_compression.json").is_file()  # our compressed folders say what they are there
+    quant = None if ours else external.read_quantization(path)
+    if quant is not None:
+        external.check_installed(path, quant)
     dtype = torch.float32 if dtype is None else resolve_dtype(path, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as err:  # a library's kernel missing on this device, of whatever type it raises
+        if quant is None:
+            raise
+        raise external.load_failure(path, quant, err) from err
     check_supported(model)
     model.to(device).eval()
     model.requires_grad_(False)
+    if not ours:
+        model._ctp_external_quantization = external.prepare_for_prompt(model, quant, input_grad=input_grad)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def external_quantization(model):
+    """The `ctp_eval.external.CheckpointQuantization` `load_model_and_tokenizer` recorded for `model` (None: dense,
+    or not loaded there)."""
+    return getattr(model, "_ctp_external_quantization", None)

@@ -97,7 +97,7 @@ def test_a_noop_traversal_reproduces_hidden_states(arch):
 
 
 MODES = ("cache", "cache-plain", "prepend")
-# Layers that run prompt-aware attention's plain path (ctp_eval.prefix_attention) with these tiny models: sliding
+# Layers that run prompt-aware attention's plain path (ctp_eval.eval.prefix_attention) with these tiny models: sliding
 # windows (8) shorter than prompt + text, and Gemma 2's attention logit soft-capping on every layer.
 PLAIN_LAYERS = {"mistral": {0, 1, 2}, "qwen2": {1, 2}, "qwen3": {1, 2}, "gemma2": {0, 1, 2}, "gemma3": {0, 2}}
 

@@ -34,3 +34,28 @@ def test_ctp_compress_writes_a_loadable_checkpoint(tiny_llama_dir, tmp_path, mon
 def test_ctp_compress_rejects_bad_spec():
     with pytest.raises(SystemExit, match="Valid forms"):
         compress_main(["--spec", "prune:lots"])
+
+
+def test_damp_and_blocksize_reach_the_solver(tiny_llama_dir, tmp_path, monkeypatch):
+    """--damp / --blocksize are solver options: recorded in the entry, part of its cache key, and passed to GPTQ."""
+    from conftest import DATA_DIR
+
+    from ctp_eval.compress import apply
+
+    monkeypatch.setenv("CTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CTP_DATA_DIR", str(DATA_DIR))
+    seen = []
+    real = apply.gptq_solve
+
+    def spy(W, H, **kw):
+        seen.append((kw.get("damp"), kw.get("blocksize")))
+        return real(W, H, **kw)
+
+    monkeypatch.setattr(apply, "gptq_solve", spy)
+    args = ["--spec", "gptq:w4", "--model", str(tiny_llama_dir), "--nsamples", "4", "--seqlen", "32"]
+    compress_main(args + ["--out", str(tmp_path / "a")])
+    compress_main(args + ["--damp", "0.1", "--blocksize", "16", "--out", str(tmp_path / "b")])
+    a, b = (json.loads((tmp_path / n / "ctp_compression.json").read_text()) for n in "ab")
+    assert a["cache_key"] != b["cache_key"]
+    assert (b["options"]["damp"], b["options"]["blocksize"]) == (0.1, 16)
+    assert seen and seen[-1] == (0.1, 16) and seen[0] != (0.1, 16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ctp_eval.compress.apply import block_linears, find_blocks
 from ctp_eval.compress.export import (
     ExportError,
     export_compressed,
+    marlin_problems,
     spec_export_problem,
     stored_group_size,
     to_packed_grid,
@@ -138,6 +140,22 @@ def test_exportable_specs(spec):
     assert spec_export_problem(spec) is None
 
 
+def test_marlin_conditions_name_what_fails():
+    """vLLM's GPU Marlin WNA16 kernel: 4-bit with or without zero points, 8-bit only symmetric, groups of
+    32/64/128 or per channel, in_features a multiple of 128 and out_features of 64 (tensor parallelism 1)."""
+    assert marlin_problems(4096, 11008, 4, 128, sym=False) == []
+    assert marlin_problems(11008, 4096, 8, 0, sym=True) == []
+    (p,) = marlin_problems(576, 1536, 4, 64, sym=False)  # SmolLM2's q/gate inputs
+    assert "in_features 576" in p and "128" in p
+    (p,) = marlin_problems(4096, 4096, 8, 128, sym=False)
+    assert "asymmetric 8-bit" in p
+    (p,) = marlin_problems(4096, 96, 4, 32, sym=True)
+    assert "out_features 96" in p
+    (p,) = marlin_problems(4096, 4096, 4, 16, sym=False)
+    assert "group size 16" in p
+    assert len(marlin_problems(576, 4096, 3, 16, sym=True)) == 3  # bits, group and width all fail
+
+
 # ----- round trip on a tiny Llama ------------------------------------------------------------------------------
 def _linears(model):
     prefix, blocks = find_blocks(model)
@@ -189,6 +207,10 @@ def test_export_round_trips_through_transformers(tiny_llama_dir, calib, tmp_path
     w = scheme["weights"]
     assert (w["num_bits"], w["symmetric"], w["type"]) == (bits, sym, "int")
     assert (w["strategy"], w["group_size"]) == (("group", group) if group else ("channel", None))
+    # transformers >= 5.11 reads `dequantize`; older ones only `run_compressed`, which must ask for it too
+    assert qc["dequantize"] is True and qc["run_compressed"] is False
+    older = {k: v for k, v in qc.items() if k != "dequantize"}
+    assert CompressedTensorsConfig.from_dict(older).dequantize is True
 
     # on disk: exactly the packed size, vs 4 bytes per fp32 weight before
     expected = sum(expected_linear_bytes(m.out_features, m.in_features, bits, group, sym) for m in fq_lin.values())
@@ -315,6 +337,140 @@ def test_export_refuses_bad_input(tiny_llama_dir, calib, tmp_path):
     with pytest.raises(ExportError, match="model.layers.1.mlp.down_proj: the weights are not on the saved"):
         export_compressed(src, tmp_path / "f")
     assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# ----- streaming ---------------------------------------------------------------------------------------------
+def _whole_model_export(src, out, bits: int, sym: bool, group: int) -> dict:
+    """What compressed-tensors' own whole-model path writes (the model in memory, ModelCompressor.compress_model,
+    save_pretrained), given grids whose groups are already the stored ones (our scale and zero - 2^(b-1))."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from transformers import AutoModelForCausalLM
+
+    from ctp_eval.compress.io import QPARAMS_FILE
+
+    qparams = load_file(f"{src}/{QPARAMS_FILE}")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group" if group else "channel",
+                            group_size=group or None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"]))
+    for name, lin in _linears(model).items():
+        lin.weight_scale.data = qparams[f"{name}.scale"].float()
+        if not sym:
+            lin.weight_zero_point.data = (qparams[f"{name}.zero"] - 2 ** (bits - 1)).to(torch.int8)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    compressor.remove_decompression_hook(model)
+    model.save_pretrained(out)
+    return load_file(str(out / "model.safetensors"))
+
+
+# tiny Llama widths 64 and 128: these groups divide both, so the stored grids are the saved ones
+@pytest.mark.parametrize("spec, bits, sym, group", [("rtn:w4g16", 4, False, 16), ("rtn:w3g32-sym", 3, True, 32),
+                                                    ("rtn:w8", 8, False, 0)])
+def test_streamed_export_writes_what_the_whole_model_path_writes(tiny_llama_dir, tmp_path, spec, bits, sym, group):
+    src = ensure_compressed(str(tiny_llama_dir), spec, cache_dir=tmp_path, progress=False)
+    export_compressed(src, tmp_path / "streamed")
+    got = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    ref = _whole_model_export(src, tmp_path / "whole", bits, sym, group)
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_sharded_checkpoint_exports_shard_by_shard(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src = ensure_compressed(str(tiny_llama_dir), "rtn:w4g16", cache_dir=tmp_path, progress=False)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
+    for f in Path(src).iterdir():  # grids, record, tokenizer
+        if not (sharded / f.name).exists() and f.name != "model.safetensors":
+            shutil.copyfile(f, sharded / f.name)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    export_compressed(src, tmp_path / "one")
+    record = export_compressed(sharded, tmp_path / "many")
+    assert record["max_abs_diff"] == 0.0
+
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    many = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(tmp_path / "many" / f))
+        assert all(index["weight_map"][k] == f for k in tensors)
+        many.update(tensors)
+    assert many.keys() == one.keys() == index["weight_map"].keys()
+    assert all(torch.equal(many[k], v) for k, v in one.items())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in many.values())
+
+
+def test_large_model_path_reads_no_whole_model_and_catches_bad_bytes(tiny_llama_dir, tmp_path, monkeypatch):
+    """Above RELOAD_MAX_BYTES the written files are checked by decoding them one tensor at a time; that check
+    alone must catch a flipped bit in a packed word and a changed byte in a copied tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from ctp_eval.compress import export as E
+
+    src = ensure_compressed(str(tiny_llama_dir), "rtn:w4g16", cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(E, "RELOAD_MAX_BYTES", 0)  # every model counts as large
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the export loaded a whole model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_whole_model)
+    record = export_compressed(src, tmp_path / "ok")
+    assert record["max_abs_diff"] == 0.0 and record["verified_by"] == ["compressed-tensors decode"]
+
+    pack = E._Plan.pack
+
+    def flip_a_bit(self, name, W):
+        out = pack(self, name, W)
+        if name == "model.layers.1.mlp.up_proj":
+            out[f"{name}.weight_packed"][3, 1] ^= 1 << 5
+        return out
+
+    monkeypatch.setattr(E._Plan, "pack", flip_a_bit)
+    with pytest.raises(ExportError, match="decode to weights"):
+        export_compressed(src, tmp_path / "bad-code")
+    monkeypatch.setattr(E._Plan, "pack", pack)
+
+    def change_a_byte(src_fh, dst, n):
+        data = bytearray(src_fh.read(n))
+        data[n // 2] ^= 0xFF
+        dst.write(data)
+
+    monkeypatch.setattr(E, "_copy_bytes", change_a_byte)
+    with pytest.raises(ExportError, match="differs from the source"):
+        export_compressed(src, tmp_path / "bad-copy")
+    assert not (tmp_path / "bad-code").exists() and not (tmp_path / "bad-copy").exists()
+
+
+def test_vllm_flag_per_layer(tmp_path, tiny_tokenizer):
+    """Widths that are multiples of 128: 4-bit g32 runs on Marlin everywhere, asymmetric 8-bit nowhere."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    records = {}
+    for spec in ("rtn:w4g32", "rtn:w8g32"):
+        src = ensure_compressed(str(tmp_path / "base"), spec, cache_dir=tmp_path, progress=False)
+        records[spec] = export_compressed(src, tmp_path / spec.replace(":", "-"))
+    assert records["rtn:w4g32"]["vllm_kernels"] is True and records["rtn:w4g32"]["vllm_marlin_failing"] == {}
+    failing = records["rtn:w8g32"]["vllm_marlin_failing"]
+    assert records["rtn:w8g32"]["vllm_kernels"] is False and len(failing) == 7  # q k v o gate up down
+    assert all(len(p) == 1 and "asymmetric 8-bit" in p[0] for p in failing.values())
 
 
 # ----- CLI ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Device and dtype through every entry point that compresses, and the block offload (issue 16).
+"""Device and dtype through every entry point that compresses, and the block offload.
 
 No GPU is needed: the "meta" device stands in for the accelerator (tensors there have shapes and dtypes but no
 data), and the single seam `apply._move_block` is replaced by a mover that can bring a block back from it.

@@ -147,3 +147,14 @@ def test_sigterm_reaches_the_step_in_flight(tmp_path):
     assert "stopped by SIGTERM during step; rerun to resume" in parent.stderr.read()
     log = (tmp_path / "out" / "commands.log").read_text()
     assert '"rc": 143' in log
+
+
+def test_eval_batch_sizes_reach_lm_eval(tmp_path, capsys):
+    from ctp_eval.cli.bench import main
+
+    main(["--out", str(tmp_path), "--specs", "gptq:w4", "--eval-batch-size", "7", "--mc-batch-size", "3",
+          "--mc-tasks", "ctp_piqa", "--dry-run"])
+    evals = [line for line in capsys.readouterr().out.splitlines() if "lm_eval" in line]
+    ppl = [e for e in evals if "ctp_c4" in e]
+    mc = [e for e in evals if "ctp_piqa" in e]
+    assert ppl and mc and all("--batch_size 7" in e for e in ppl) and all("--batch_size 3" in e for e in mc)

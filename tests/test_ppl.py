@@ -1,4 +1,4 @@
-"""The perplexity protocol (ctp_eval.ppl) against straightforward references, with and without a soft prompt."""
+"""The perplexity protocol (ctp_eval.eval.ppl) against straightforward references, with and without a soft prompt."""
 
 from __future__ import annotations
 

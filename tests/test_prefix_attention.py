@@ -1,4 +1,4 @@
-"""Prompt-aware attention (ctp_eval.prefix_attention) against the plain paths it replaces.
+"""Prompt-aware attention (ctp_eval.eval.prefix_attention) against the plain paths it replaces.
 
   * kernels: the log-sum-exp merge ("lse", torch's private CPU flash op) and its public fallback ("concat") equal
     one SDPA call over [prompt keys][text keys] with an explicit mask, outputs and all five input gradients, with

@@ -178,3 +178,22 @@ def test_resume_follows_model_identity_not_path(tiny_llama_dir, corpus, tmp_path
     other = _fake_compressed(tiny_llama_dir, tmp_path / "cache-c" / "m", dict(calib, nsamples=8))
     with pytest.raises(T.TrainError, match="another model"):
         T.train(cfg(tmp_path / "x", other, corpus, resume=True))
+
+
+def test_val_batch_size_batches_validation(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    """--val-batch-size sets how many validation windows run per forward (default: --batch-size)."""
+    from ctp_eval.eval import ppl
+
+    seen = []
+    real = ppl.window_nlls
+
+    def spy(logits_fn, windows, batch_size=1, progress=False):
+        seen.append(batch_size)
+        return real(logits_fn, windows, batch_size, progress)
+
+    monkeypatch.setattr(ppl, "window_nlls", spy)
+    T.train(cfg(tmp_path / "a", tiny_llama_dir, corpus, steps=1, warmup_steps=0, val_batch_size=3))
+    assert seen and set(seen) == {3}
+    seen.clear()
+    T.train(cfg(tmp_path / "b", tiny_llama_dir, corpus, steps=1, warmup_steps=0))
+    assert seen and set(seen) == {2}  # cfg's batch_size

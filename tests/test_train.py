@@ -271,7 +271,7 @@ def test_resume_refuses_another_teacher(tiny_llama_dir, tiny_tokenizer, corpus, 
 
 
 def test_train_on_a_validation_split(tiny_llama_dir, corpus, tmp_path):
-    # Offline WikiText-2 has no train split: the data-transfer study trains on validation (issue 6, Table 6).
+    # Offline WikiText-2 has no train split: the data-transfer study trains on validation (the paper's Table 6).
     from conftest import DATA_DIR
 
     from ctp_eval import data

@@ -168,8 +168,8 @@ def _move_block(block: nn.Module, device: torch.device) -> None:
 @contextlib.contextmanager
 def cpu_threads(n: int | None):
     """torch's CPU thread count set to `n` for the block (None: $CTP_COMPRESS_THREADS, else left as is, which is
-    every core torch sees). A previous version pinned solves to 1 thread, because on a 2-core machine shared
-    with other jobs extra threads mostly waited; bench/README.md ("Scale") has the measurements."""
+    every core torch sees). On a machine shared with other jobs one thread can be faster: extra threads wait;
+    bench/README.md ("Scale") has the measurements."""
     if n is None and os.environ.get(THREADS_ENV):
         n = int(os.environ[THREADS_ENV])
     if n is not None and n < 1:

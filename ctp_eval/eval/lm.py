@@ -5,11 +5,11 @@ Only what changes is overridden (pattern of lm-eval's `hf_steered.py`):
                     rolling windows then work unchanged.
   * `_model_call` - logits aligned to `inps` exactly as without a prompt (text tokens only are scored).
   * `_model_generate` - prefix cache + k mask ones + ids that start with the context, as HFLM expects.
-  * `loglikelihood_rolling` - only to route the paper-protocol perplexity tasks (`ctp_*`) to `ctp_eval.ppl`.
+  * `loglikelihood_rolling` - only to route the paper-protocol perplexity tasks (`ctp_*`) to `ctp_eval.eval.ppl`.
 
 The prompt is the same for every request, so its key/value states are computed once and every batch attends to
 them instead of re-encoding k extra positions per sequence. Scoring (`prompt_mode=cache`, the default) runs
-prompt-aware attention (`ctp_eval.prefix_attention`): each layer splits attention into the text part (causal,
+prompt-aware attention (`ctp_eval.eval.prefix_attention`): each layer splits attention into the text part (causal,
 SDPA's fast path) and a small unmasked part over the k prompt keys, merged exactly by log-sum-exp; the prompt's
 states are read by every row without copies. Two plain paths are kept as references (tests check all three
 agree): `prompt_mode=cache-plain` hands the prompt's transformers cache to the model (each layer concatenates the
@@ -35,7 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
-from ctp_eval import __version__, models
+from ctp_eval import __version__, external, models
 from ctp_eval.prompt import SoftPrompt
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class CTPLM(HFLM):
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         if compress_dtype and self.compression == "none":
             raise ValueError("compress_dtype= is the dtype compression=SPEC runs and caches in; set compression= too")
+        quant = None  # a checkpoint another tool quantized: its own quantization (ctp_eval.external)
         if self.compression != "none":
             from ctp_eval.compress import CalibConfig
             from ctp_eval.compress.host import (  # once per host, then cached
@@ -93,10 +94,15 @@ class CTPLM(HFLM):
             info = read_compression_info(path) if os.path.isdir(path) else None
             if info:
                 self.compression = info.get("spec", "none")
+            elif (quant := external.read_quantization(path)) is not None:  # quantized by another tool
+                external.check_installed(path, quant)  # one line naming a missing library, before HFLM loads
         from ctp_eval.compress.io import build_id
 
         self.compression_build = build_id(path) if os.path.isdir(path) else ""  # which build of the spec
         super().__init__(pretrained=path, **kwargs)
+        self.checkpoint_quantization = None  # full record of a checkpoint's own quantization (ctp_eval.external)
+        if self.compression == "none" and (quant := external.prepare_for_prompt(self.model, quant)) is not None:
+            self.compression, self.checkpoint_quantization = quant.label, quant.details
         if self.backend != "causal":
             raise ValueError("ctp supports decoder-only (causal) models only")
 
@@ -283,7 +289,7 @@ class CTPLM(HFLM):
     # ----- requests -------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         # Docs of the ctp_* perplexity tasks carry a "ctp_ppl" dict (seqlen, source): those are scored under
-        # the paper protocol by ctp_eval.ppl; any other rolling request is lm-eval's standard computation.
+        # the paper protocol by ctp_eval.eval.ppl; any other rolling request is lm-eval's standard computation.
         protocol = [i for i, r in enumerate(requests) if isinstance(r.doc, dict) and "ctp_ppl" in r.doc]
         if not protocol:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
@@ -322,6 +328,8 @@ class CTPLM(HFLM):
             ctp_prompt_k=self.k,
             ctp_trainable_params=self.trainable_params(),
         )
+        if self.checkpoint_quantization is not None:  # quantized by another tool; ctp_compression is its label
+            info.update(ctp_checkpoint_quantization=self.checkpoint_quantization)
         if self.soft_prompt is not None:
             meta = self.soft_prompt.meta
             info.update(ctp_prompt_trained_on=meta.compression, ctp_prompt_train_data=meta.train_data,

@@ -66,7 +66,7 @@ def forward_with_prompt(model, input_ids: torch.Tensor, prompt_embeds: torch.Ten
     Default: the reference ("prepend") path, [prompt; text] as inputs_embeds; gradients flow into the prompt; the
     k prompt positions' logits are dropped so callers index logits exactly as without a prompt. Right padding
     only (positions count from 0). `shared_prefix=True`: the prompt's k positions run once for the whole batch
-    and every row attends to their keys/values (`ctp_eval.prefix_attention`); same logits and gradients, with
+    and every row attends to their keys/values (`ctp_eval.eval.prefix_attention`); same logits and gradients, with
     (B-1)*k fewer decoder positions. It takes no attention_mask (right padding needs none: attention is causal).
     """
     if prompt_embeds is None:

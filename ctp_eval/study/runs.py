@@ -2,7 +2,7 @@
 
 A run's configuration comes from what `ctp` records under `config` (`ctp_compression`, `ctp_prompt_k`,
 `ctp_prompt_trained_on`, `ctp_prompt_recipe`, ...), never from file names, so tables and plots
-(`ctp_eval.leaderboard`, `ctp_eval.plots`) depend only on the results files.
+(`ctp_eval.study.leaderboard`, `ctp_eval.study.plots`) depend only on the results files.
 """
 
 from __future__ import annotations
@@ -170,11 +170,15 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
 
 # ----- ordering --------------------------------------------------------------------------------------------
 def spec_sort_key(spec: str) -> tuple:
-    """none, then quantization (more bits first), then sparsity (less first), then joint specs."""
+    """none, then quantization (more bits first), then sparsity (less first), then joint specs, then checkpoints
+    other tools quantized (their own label, `ctp_eval.external`: "compressed-tensors/w4a16g64-sym"), by label."""
     from ctp_eval.compress.spec import (
         parse_spec,  # the one spec grammar; imports no torch
     )
+    from ctp_eval.external import is_external_label  # imports no torch either
 
+    if is_external_label(spec):
+        return (4, 0.0, 0.0, True, spec)
     parsed = parse_spec(spec)
     if parsed.is_none:
         return (0, 0.0, 0.0, False, spec)

@@ -1,6 +1,6 @@
 """`TrainConfig`: every setting of `ctp-train`, its default and its validation, in one place.
 
-`ctp-train --help` is derived from it (`ctp_eval.configargs`), so the CLI and the Python API validate alike.
+`ctp-train --help` is derived from it (`ctp_eval.cli.configargs`), so the CLI and the Python API validate alike.
 Defaults follow the paper's recipe (Xu et al., ICML 2024, and its released `soft_prompt_learning.py`): k=100
 prompt tokens initialised from sampled vocabulary rows, AdamW lr 1e-3, weight decay 1e-5, linear warmup (500
 steps) and decay, gradient clipping at 1.0, seqlen 1024, C4 training data, cross-entropy loss, validation
@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 PAPER_WARMUP = 500
 # Flags that may differ between a run and its --resume without changing what is computed. `model` and `teacher`
 # are compared by identity, not by path: see train.setup.target_identity / teacher_identity.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "save_every", "stop_after", "device", "model", "teacher",
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "progress", "save_every", "stop_after", "device", "model", "teacher",
                      "teacher_cache", "data_dir", "recipe_name")
 # What defines how a prompt was learned (prompt metadata `extra.recipe`, ctp-bench --recipe).
 RECIPE_FIELDS = ("init", "lr", "lr_schedule", "warmup_steps", "loss", "kd_weight", "teacher_topk", "seqlen",

@@ -1,13 +1,13 @@
 """`ctp-train`: learn a soft prompt (or the LoRA baseline) that recovers a compressed model.
 
-Settings and their (paper) defaults: `ctp_eval.trainconfig`. The objective (cross-entropy, distillation from
-the uncompressed model, or both): `ctp_eval.losses` and `ctp_eval.teacher`. The model's weights are frozen:
+Settings and their (paper) defaults: `ctp_eval.train.config`. The objective (cross-entropy, distillation from
+the uncompressed model, or both): `ctp_eval.train.losses` and `ctp_eval.train.teacher`. The model's weights are frozen:
 only the prompt (or the LoRA matrices) requires grad, so no weight gradient is ever allocated. The best
 checkpoint is selected on validation windows of `--val-seqlen` tokens (default 1024, the evaluation length),
 independently of the training `--seqlen`.
 
 Outputs in --out: prompt.safetensors (best validation; `ctp_eval.prompt` format with full metadata),
-last.safetensors (latest), checkpoint/ (exact resume: see `ctp_eval.trainutil`), train_log.jsonl, config.json.
+last.safetensors (latest), checkpoint/ (exact resume: see `ctp_eval.train.checkpoint`), train_log.jsonl, config.json.
 With --method lora: adapter/ and last_adapter/ (PEFT folders) instead of the two prompt files.
 
 Multi-GPU: `accelerate launch --multi_gpu --num_processes N -m ctp_eval.train ...` (or `torchrun
@@ -32,14 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctp_eval.train.config import (  # noqa: F401  (re-exported: the public names of ctp-train)
-    DTYPES,
-    METHODS,
-    RESUME_MAY_CHANGE,
-    TrainConfig,
-    TrainError,
-    TrainingDiverged,
-)
+from ctp_eval.train.config import RESUME_MAY_CHANGE, TrainConfig, TrainError, TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +181,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                  recipe_name=cfg.recipe_name,
                  teacher=teacher.identity if teacher else None, compression_build=identity.get("build", ""),
                  trainable_params=sum(p.numel() for p in tuner.parameters()))
+    quantization = trainsetup.external_details(model, compression)  # a checkpoint another tool quantized
+    if quantization is not None:
+        extra["checkpoint_quantization"] = quantization
 
     def validate() -> float:
         with autocast or contextlib.nullcontext():
@@ -305,7 +301,7 @@ def _write_artifact(tuner, model, tokenizer, out: Path, kind: str, state: dict, 
 
 
 def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
-    """Validation perplexity by the shared protocol (`ctp_eval.ppl`) on `val_seqlen`-token windows, split over
+    """Validation perplexity by the shared protocol (`ctp_eval.eval.ppl`) on `val_seqlen`-token windows, split over
     ranks when data parallel."""
     import torch
 

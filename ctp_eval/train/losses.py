@@ -1,12 +1,12 @@
 """The training objective of `ctp-train`: next-token cross-entropy, distillation from the dense model, or both.
 
 Positions: every loss scores the text positions 0..T-2 of a window, each predicting the next token (the tokens
-the perplexity protocol in `ctp_eval.ppl` scores); the k prompt positions are never scored.
+the perplexity protocol in `ctp_eval.eval.ppl` scores); the k prompt positions are never scored.
 
 * `ce`: mean cross-entropy against the next token.
 * `kd`: mean KL(teacher || student) over the full vocabulary at each position, the teacher being the
   uncompressed model on the same window without a prompt (a full-vocabulary target per token: the standard
-  way to recover a compressed model from few tokens). With cached top-k teacher log-probs (`ctp_eval.teacher`)
+  way to recover a compressed model from few tokens). With cached top-k teacher log-probs (`ctp_eval.train.teacher`)
   the teacher distribution is renormalised over its top k tokens.
 * `ce+kd`: (1 - kd_weight) * ce + kd_weight * kd.
 
@@ -23,7 +23,7 @@ full-logits path (`full_loss`).
 Shared prompt (`shared_prefix=True`, what `ctp-train` runs on CPU; on GPUs it prepends, see
 `prefix_attention.shared_prefix_pays`): the k prompt positions are identical for every row of a
 batch, so the decoder runs them once per step (batch 1, with gradient) and every text row attends to their
-keys/values through `ctp_eval.prefix_attention` (broadcast, never copied B times). Same loss and gradient as
+keys/values through `ctp_eval.eval.prefix_attention` (broadcast, never copied B times). Same loss and gradient as
 prepending the prompt to each row; at batch 4 x 256 with k=100 the decoder sees 100 + 1024 positions instead of
 4 x 356 (-21%), and the prompt positions never reach the LM head or the loss either way. (A model with dropout
 active in train mode, e.g. OPT's 0.1, then draws one dropout mask for the prompt positions, shared by the rows,

@@ -20,6 +20,14 @@ def compressed_info(path) -> dict | None:
     return read_compression_info(path) if path and os.path.isdir(str(path)) else None
 
 
+def external_label(path) -> str | None:
+    """The label of the quantization a checkpoint another tool made declares (`ctp_eval.external`), else None."""
+    from ctp_eval import external
+
+    quant = external.read_quantization(path) if compressed_info(path) is None else None
+    return quant.label if quant else None
+
+
 def target_identity(cfg: TrainConfig) -> dict:
     """What the prompt is trained on, independent of where it lives on disk: base model, spec, calibration.
     `--resume` compares this (not the path), so a run resumes on a machine whose cache path differs."""
@@ -36,6 +44,9 @@ def target_identity(cfg: TrainConfig) -> dict:
         return dict(base_model=info.get("base_model", ""), compression=info.get("spec", "unknown"),
                     calibration=info.get("calibration"), build=build)
     calibration = None
+    label = external_label(cfg.model) if cfg.compression == "none" else None
+    if label:  # quantized by another tool: its own label
+        return dict(base_model=models.model_id(cfg.model), compression=label, calibration=None)
     if cfg.compression != "none":
         from ctp_eval.compress import parse_spec
         from ctp_eval.compress.io import CalibConfig, calibration_details
@@ -47,8 +58,10 @@ def target_identity(cfg: TrainConfig) -> dict:
 
 
 def load_model(cfg: TrainConfig, device):
-    """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked)."""
+    """(model, tokenizer, compression spec) of the model the prompt is trained on (compressed first if asked).
+    A checkpoint another tool quantized answers its label (`ctp_eval.external`) as its spec."""
     from ctp_eval import models
+    from ctp_eval.external import ExternalCheckpointError
 
     path = models.resolve_pretrained(cfg.model)
     compression = cfg.compression
@@ -63,8 +76,23 @@ def load_model(cfg: TrainConfig, device):
     else:
         info = compressed_info(path)  # --model may itself be a compressed checkpoint folder
         compression = info.get("spec", "unknown") if info else "none"
-    model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device))
+    try:
+        model, tokenizer = models.load_model_and_tokenizer(path, dtype=dtype, device=str(device), input_grad=True)
+    except ExternalCheckpointError as err:
+        raise TrainError(str(err)) from None
+    quant = models.external_quantization(model)
+    if compression == "none" and quant is not None:
+        compression = quant.label
     return model, tokenizer, compression
+
+
+def external_details(model, compression: str) -> dict | None:
+    """The full record of the checkpoint's own quantization (prompt metadata `extra`), when `compression` is its
+    label; None for dense models and our own compressions."""
+    from ctp_eval import models
+
+    quant = models.external_quantization(model)
+    return quant.details if quant is not None and quant.label == compression else None
 
 
 def teacher_path(cfg: TrainConfig) -> str:
@@ -74,6 +102,9 @@ def teacher_path(cfg: TrainConfig) -> str:
     if cfg.teacher:
         return cfg.teacher
     info = compressed_info(cfg.model)
+    if info is None and cfg.compression == "none" and external_label(cfg.model):
+        raise TrainError(f"{cfg.model} was quantized by another tool ({external_label(cfg.model)}) and does not say "
+                         "which uncompressed model it came from; pass that model with --teacher")
     if info is None:
         if cfg.compression == "none":
             logger.warning("--loss %s on an uncompressed model: the teacher is the model itself", cfg.loss)

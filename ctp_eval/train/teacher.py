@@ -1,7 +1,7 @@
 """The distillation teacher of `ctp-train --loss kd|ce+kd`: the uncompressed model's next-token distribution.
 
 On the fly (default), the teacher runs on every training batch without grad and its log-probs are formed chunk
-by chunk inside the loss (`ctp_eval.losses`), so its (B, T, V) fp32 logits never exist either. That costs one
+by chunk inside the loss (`ctp_eval.train.losses`), so its (B, T, V) fp32 logits never exist either. That costs one
 extra forward per step (about a third of a training step).
 
 With a cache folder (`--teacher-cache DIR --teacher-topk K`), each training window's top-K teacher log-probs are

@@ -1,6 +1,6 @@
 """What `ctp-train` optimises: a soft prompt (the paper's method) or a LoRA adapter (its baseline).
 
-Both hand their trainable tensors to the optimizer and backpropagate the objective of `ctp_eval.losses`
+Both hand their trainable tensors to the optimizer and backpropagate the objective of `ctp_eval.train.losses`
 (cross-entropy, distillation or both) through the frozen model, chunked where the model allows.
 """
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, teacher: TeacherTargets | None,
                   shared_prefix: bool = True) -> dict:
     """Backpropagate the objective for ids (B, T) through the chunked split when there is one, else full logits;
-    `shared_prefix`: the prompt runs once per batch and the rows share its keys/values (`ctp_eval.losses`)."""
+    `shared_prefix`: the prompt runs once per batch and the rows share its keys/values (`ctp_eval.train.losses`)."""
     if split is None:
         parts = full_loss(model, ids, prompt, objective, teacher, shared_prefix=shared_prefix)
         parts["loss"].backward()
@@ -39,7 +39,7 @@ def loss_backward(model, split, ids, prompt, chunk: int, objective: Objective, t
 
 class PromptTuner:
     """k trainable fp32 embeddings in front of a frozen model. `shared_prefix` True: the prompt's positions run
-    once per batch and every row attends to them (`ctp_eval.prefix_attention`); False: the plain path, the prompt
+    once per batch and every row attends to them (`ctp_eval.eval.prefix_attention`); False: the plain path, the prompt
     prepended to every row (the reference; same loss and gradient). Default (None): whichever is faster on the
     model's device (`prefix_attention.shared_prefix_pays`: shared on CPU, prepended on GPUs). `layout`: where the
     prompt sits (`ctp_eval.prompt.LAYOUTS`); "after-bos" trains [BOS][prompt][window], as it will be applied."""

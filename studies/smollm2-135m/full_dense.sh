@@ -2,7 +2,7 @@
 # Full-test (no --limit) evaluation of the dense embedded model on all seven paper tasks, one lm-eval run per
 # task so that each results JSON carries its own wall time, then the markdown table via ctp-leaderboard.
 # Resumable: a task whose results JSON exists is skipped.
-#   CTP_DATA_DIR=../shared/data bash bench/full_dense.sh [OUT]
+#   CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/full_dense.sh [OUT]
 # PPL tasks: fp32, max_length=1124 (1024-token windows + room for a 100-token prompt, as in the leaderboard runs;
 # it also bounds lm-eval's standard rolling windows). MC tasks: bf16, batch 32 - full HellaSwag is 40k requests
 # (~3.5M tokens), about 2 h in fp32 on 2 CPU cores and half that in bf16. Override with PPL_ARGS / MC_ARGS.
