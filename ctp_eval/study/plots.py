@@ -11,6 +11,8 @@ def _level(spec: str) -> tuple[str, float] | None:
     """('quantization', bits) or ('sparsity', fraction) for single-method specs; None for joint/none."""
     from ctp_eval.compress.spec import parse_spec
 
+    if "/" in spec:  # another tool's checkpoint (ctp_eval.external label): not on our compression axis
+        return None
     parsed = parse_spec(spec)
     if parsed.is_none or (parsed.quant and parsed.sparse):
         return None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lm_eval.utils import simple_parse_args_string
 
-from ctp_eval.presets import MC_TASKS, PPL_TASKS  # noqa: F401  (read by the leaderboard through here)
+from ctp_eval.presets import CASE_STUDY_TASK, MC_TASKS, PPL_TASKS  # noqa: F401  (read by the leaderboard through here)
 
 KIND_ORDER = {"dense": 0, "none": 1, "hard": 2, "learned": 3, "lora": 4}
 KIND_LABEL = {"dense": "dense", "none": "no prompt", "hard": "hard prompt", "learned": "learned prompt", "lora": "LoRA"}
@@ -53,6 +53,7 @@ class Run:
     sources: dict[str, str] = field(default_factory=dict)  # ppl task -> data source name
     limits: dict[str, float | None] = field(default_factory=dict)  # ppl task -> --limit used
     files: list[dict] = field(default_factory=list)  # per results file: command, date, hardware, wall time
+    answers: dict[str, str] = field(default_factory=dict)  # case-study question -> the greedy answer
 
     @property
     def key(self) -> tuple:
@@ -127,6 +128,8 @@ def read_run(path: Path, root: Path | None = None) -> Run:
             meta = (res.get("configs", {}).get(task, {}) or {}).get("metadata", {}) or {}
             run.sources[task] = str(meta.get("source") or r.get("alias", task))
             run.limits[task] = limit
+        elif task == CASE_STUDY_TASK:
+            run.answers.update(read_answers(path, task))
         elif task in MC_TASKS and "acc_norm,none" in r:
             se = r.get("acc_norm_stderr,none")
             n = (res.get("n-samples") or {}).get(task) or {}
@@ -148,6 +151,17 @@ def read_run(path: Path, root: Path | None = None) -> Run:
     return run
 
 
+def read_answers(results: Path, task: str) -> dict[str, str]:
+    """question -> answer of a generation task, from the samples file lm-eval wrote beside `results` (--log_samples)."""
+    stamp = results.stem[len("results_"):]
+    samples = results.with_name(f"samples_{task}_{stamp}.jsonl")
+    if not samples.is_file():
+        raise ValueError(f"{results} has {task} results but no {samples.name} beside it: run lm_eval with --log_samples")
+    rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["doc_id"])
+    return {r["doc"]["question"]: str(r["filtered_resps"][0]).strip() for r in rows}
+
+
 def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = None) -> list[Run]:
     """Read and merge results files; a later file (by date) overrides the same task of an earlier one."""
     root = Path(root).resolve() if root else None
@@ -164,6 +178,7 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
         m.sources.update(run.sources)
         m.limits.update(run.limits)
         m.files.extend(run.files)
+        m.answers.update(run.answers)
         m.trainable_params = max(m.trainable_params, run.trainable_params)
     return sorted(merged.values(), key=run_sort_key)
 
