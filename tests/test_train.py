@@ -314,6 +314,20 @@ def test_lora_writes_peft_adapter_with_expected_params(tiny_llama_dir, corpus, t
     assert peft_model.peft_config["default"].r == 8
 
 
+def test_lora_adapter_evaluated_through_ctp_records_its_training(tiny_llama_dir, corpus, tmp_path):
+    """`ctp` with HFLM's peft= reads the adapter's ctp_train.json: results name the recipe and data like a prompt's."""
+    from ctp_eval.eval.lm import CTPLM
+
+    T.train(cfg(tmp_path, tiny_llama_dir, corpus, method="lora", steps=2, lora_r=8, lora_alpha=8, lr=1e-3,
+                recipe_name="lora-test"))
+    lm = CTPLM(pretrained=str(tiny_llama_dir), peft=str(tmp_path / "out" / "adapter"), device="cpu", dtype="float32")
+    info = lm.get_model_info()
+    assert info["ctp_prompt_recipe"] == "lora-test" and info["ctp_prompt_steps"] >= 0
+    written = json.loads((tmp_path / "out" / "adapter" / "ctp_train.json").read_text())
+    assert info["ctp_prompt_train_data"] == written["train_data"] != ""
+    assert info["ctp_trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 32))
+
+
 @pytest.mark.slow  # two torchrun worker processes: ~20 s on a loaded 2-core machine
 def test_data_parallel_equals_single_process(tiny_llama_dir, corpus, tmp_path):
     flags = ["--model", str(tiny_llama_dir), "--data", str(corpus / "train.txt"), "--val-data", str(corpus / "val.txt"),

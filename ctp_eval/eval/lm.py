@@ -36,7 +36,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from ctp_eval import __version__, external, models
-from ctp_eval.prompt import SoftPrompt
+from ctp_eval.prompt import PromptMetadata, SoftPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +335,13 @@ class CTPLM(HFLM):
         )
         if self.checkpoint_quantization is not None:  # quantized by another tool; ctp_compression is its label
             info.update(ctp_checkpoint_quantization=self.checkpoint_quantization)
-        if self.soft_prompt is not None:
-            meta = self.soft_prompt.meta
+        meta = self.soft_prompt.meta if self.soft_prompt is not None else None
+        if meta is None and self.peft_path and os.path.isfile(os.path.join(self.peft_path, "ctp_train.json")):
+            import json  # a LoRA adapter ctp-train wrote carries the same metadata beside it
+
+            with open(os.path.join(self.peft_path, "ctp_train.json")) as f:
+                meta = PromptMetadata.from_dict(json.load(f))
+        if meta is not None:
             info.update(ctp_prompt_trained_on=meta.compression, ctp_prompt_train_data=meta.train_data,
                         ctp_prompt_steps=meta.steps, ctp_prompt_recipe=meta.extra.get("recipe_name") or "paper",
                         ctp_prompt_recipe_args=meta.extra.get("recipe"))

@@ -110,7 +110,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         train_source=cfg.get("ctp_prompt_train_data", "") if kind in ("learned", "lora") else "",
         trainable_params=int(cfg.get("ctp_trainable_params") or 0),
         build=cfg.get("ctp_compression_build") or "",
-        recipe=(cfg.get("ctp_prompt_recipe") or "paper") if kind == "learned" else "",
+        recipe=(cfg.get("ctp_prompt_recipe") or "paper") if kind in ("learned", "lora") else "",
         recipe_args=cfg.get("ctp_prompt_recipe_args") or {},
     )
     tasks = sorted(res.get("results", {}))
@@ -227,7 +227,7 @@ def label(run: Run, show_build: bool = False) -> str:
         if run.trained_on != run.compression:
             base += f" from {run.trained_on}"
     if run.kind == "lora":
-        base += f" ({run.train_data})"
+        base += f" ({run.train_data}" + ("" if run.recipe in ("", "paper") else f", recipe {run.recipe}") + ")"
     return base
 
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# LoRA baseline (the paper's Tables 1, 3 and 7): r=32, alpha=32, dropout 0.1 on the q/v projections, trained on the
+# same C4 windows and token budget as the `ce-lr3e-2` prompts (400 steps x 4 x 256 = 409,600 tokens, best checkpoint
+# on C4 validation at 1,024 tokens), then scored through `ctp` with HFLM's own `peft=` on the first shard of each
+# perplexity task, as the prompt rows are. LR=2e-4 is the paper's; NAME names the recipe (e.g. LR=1e-3
+# NAME=lora-lr1e-3 for a sweep cell). Resumable: ctp-train resumes its checkpoint, finished evaluations are skipped.
+#   CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
+#   SPECS=gptq:w3g128 LR=1e-3 NAME=lora-lr1e-3 CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+: "${CTP_DATA_DIR:?set CTP_DATA_DIR to the data folder}"
+SPECS=${SPECS:-gptq:w3g128,sparsegpt:0.5,sparsegpt:0.5+gptq:w4}
+LR=${LR:-2e-4}
+NAME=${NAME:-lora-paper}
+CALIB="calib_nsamples=16,calib_seqlen=512"
+for spec in ${SPECS//,/ }; do
+  slug=$(python -c "from ctp_eval.files import slug; print(slug('$spec'))")
+  out=studies/smollm2-135m/train/$slug-$NAME
+  ctp-train --method lora --compression "$spec" --calib-nsamples 16 --calib-seqlen 512 --steps 400 --batch-size 4 \
+            --seqlen 256 --lr "$LR" --warmup-steps 40 --val-windows 8 --val-seqlen 1024 --eval-every 40 \
+            --save-every 40 --recipe-name "$NAME" --out "$out" --resume --no-progress
+  results=leaderboards/smollm2-135m/results/$slug-$NAME-ppl
+  if compgen -G "$results/*/results_*.json" > /dev/null; then echo "skip $results: done"; continue; fi
+  lm_eval --model ctp --model_args "compression=$spec,$CALIB,peft=$out/adapter,dtype=float32,max_length=1124" \
+          --tasks ctp_c4,ctp_wikitext2,ctp_ptb --limit 1 --metadata '{"ppl_standard": false}' --batch_size 4 \
+          --output_path "$results"
+done
