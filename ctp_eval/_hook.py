@@ -36,6 +36,8 @@ def register_model() -> None:
 
     if "ctp" not in model_registry:
         model_registry.register("ctp", target="ctp_eval.eval.lm:CTPLM")
+    if "ctp-vllm" not in model_registry:  # lazy too: vLLM is imported only when the model is used
+        model_registry.register("ctp-vllm", target="ctp_eval.eval.vllm_lm:CTPVLLM")
 
 
 def patch_task_manager(module) -> None:

@@ -576,3 +576,15 @@ def test_verify_tolerates_only_quantization_parameters(tiny_llama_dir, tmp_path,
     with torch.no_grad():
         lin.weight[0, 0] += 1.0
     assert E._verify(src, tmp_path) == pytest.approx(1.0)
+
+
+def test_export_floor_follows_the_bit_width(monkeypatch):
+    """compressed-tensors 0.17 (vLLM 0.32's pin) packs 2/4/8-bit codes as readers expect, not 3-bit ones."""
+    import compressed_tensors
+
+    from ctp_eval.compress.export import ExportError, _check_library
+
+    monkeypatch.setattr(compressed_tensors, "__version__", "0.17.0")
+    assert _check_library(4) == "0.17.0" and _check_library(8) == "0.17.0"
+    with pytest.raises(ExportError, match="3-bit export needs|too old for a 3-bit"):
+        _check_library(3)

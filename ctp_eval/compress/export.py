@@ -240,14 +240,17 @@ def _quantization_config(bits: int, sym: bool, group_size: int, other_linears: l
     return QuantizationConfig(config_groups={"group_0": scheme}, ignore=other_linears, format=COMPRESSION_FORMAT)
 
 
-def _check_library():
+def _check_library(bits: int):
+    """The installed compressed-tensors' version, if it packs `bits`-bit codes the way readers expect: 0.17 (what
+    vLLM 0.32 pins) packs 2/4/8 bits like later releases but pads 3/5/6/7-bit codes differently."""
     import compressed_tensors
     from packaging.version import Version
 
-    if Version(compressed_tensors.__version__) < Version(MIN_LIBRARY_VERSION):
+    need = MIN_READER_VERSION[32 % bits == 0]
+    if Version(compressed_tensors.__version__) < Version(need):
         raise ExportError(
-            f"compressed-tensors {compressed_tensors.__version__} is too old: export needs >= {MIN_LIBRARY_VERSION} "
-            "(its dense packing of 3/5/6/7-bit codes is what current readers expect)"
+            f"compressed-tensors {compressed_tensors.__version__} is too old for a {bits}-bit export: it needs >= {need} "
+            "(dense packing of 3/5/6/7-bit codes, which current readers expect)"
         )
     return compressed_tensors.__version__
 
@@ -490,8 +493,8 @@ def export_compressed(compressed_dir: str | os.PathLike, out_dir: str | os.PathL
     if out.exists():
         raise ExportError(f"{out} exists; choose a new folder")
     info = check_exportable(src)
-    version = _check_library()
     q = parse_spec(info["spec"]).quant
+    version = _check_library(q.bits)
     fields: dict[str, list[str]] = {}
     for k in _names(_header(src / QPARAMS_FILE)[1]):
         layer, _, field = k.rpartition(".")

@@ -166,7 +166,7 @@ def protocol_batch_size(lm, seqlen: int) -> int:
     return 1
 
 
-def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
+def score_protocol_requests(lm, requests, window_nlls_fn=None) -> list[tuple[float, int]]:
     """Responses for lm-eval `loglikelihood_rolling` requests whose doc carries a "ctp_ppl" spec.
 
     doc["ctp_ppl"] = {"corpus", "split", "data_dir", "source", "seqlen", "shard", "n_shards"} (built by
@@ -205,8 +205,11 @@ def score_protocol_requests(lm, requests) -> list[tuple[float, int]]:
     for seqlen, parts in by_seqlen.items():
         owners = [i for i, w in parts for _ in range(len(w))]
         all_wins = torch.cat([w for _, w in parts])
-        bs = protocol_batch_size(lm, seqlen)
-        per_window = window_nlls(lambda x: lm._model_call(x.to(device)), all_wins, batch_size=bs, progress=True)
+        if window_nlls_fn is not None:  # a backend without logits (vLLM) scores whole windows itself
+            per_window = window_nlls_fn(all_wins)
+        else:
+            bs = protocol_batch_size(lm, seqlen)
+            per_window = window_nlls(lambda x: lm._model_call(x.to(device)), all_wins, batch_size=bs, progress=True)
         for i, value in zip(owners, per_window):
             nll[i] += value
             n_tok[i] += seqlen - 1

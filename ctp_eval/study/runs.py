@@ -96,7 +96,7 @@ def _short_data(name: str) -> str:
 def read_run(path: Path, root: Path | None = None) -> Run:
     res = json.loads(path.read_text())
     cfg = res.get("config", {})
-    if cfg.get("model") != "ctp":
+    if cfg.get("model") not in ("ctp", "ctp-vllm"):
         raise ValueError(f"{path}: not a `--model ctp` result (model={cfg.get('model')!r})")
     kind = _kind(cfg)
     compression = cfg.get("ctp_compression", "none")
