@@ -111,6 +111,19 @@ def test_int4_linear_refuses_off_grid_weights_and_unfit_shapes():
         Int4Linear(128, 32, 64, dtype=torch.float64)
 
 
+@needs_kernel
+def test_convert_leaves_unfit_linears_dense_and_says_why():
+    model = nn.ModuleDict()
+    qparams = {}
+    for name, rows in (("fit", 32), ("odd", 24)):
+        lin, scale, zero = _fake_quant_linear(rows, 64, 4, 32)
+        model[name], qparams[name] = lin, {"scale": scale, "zero": zero}
+    stats = convert_model(model, qparams, "rtn:w4g32")
+    assert isinstance(model["fit"], Int4Linear) and type(model["odd"]) is nn.Linear
+    assert stats["n_int4"] == 1 and "out_features 24" in stats["left_dense"]["odd"]
+    assert stats["linear_bytes"]["before"] == 32 * 64 * 4
+
+
 # ----- whole models with a soft prompt -----------------------------------------------------------------------
 def _prompted_logits(model, ids, prompt):
     from ctp_eval.eval.ppl import model_logits_fn

@@ -172,7 +172,7 @@ def _new_stats(dtype) -> dict:
             "linear_bytes": {"before": 0, "bf16": 0, "int4": 0}}
 
 
-def _count(stats: dict, name: str, module: Int4Linear, before: int) -> None:
+def _count(stats: dict, module: Int4Linear, before: int) -> None:
     stats["n_int4"] += 1
     stats["group_sizes"][module.group_size] += 1
     b = stats["linear_bytes"]
@@ -224,7 +224,7 @@ def convert_model(model: nn.Module, qparams: dict | str | os.PathLike, spec: str
             continue
         module = Int4Linear.from_grid(W, **_grid(qparams, name), bits=q.bits, group_size=q.group_size, sym=q.sym,
                                       bias=linear.bias, dtype=dtype, name=name).to(W.device)
-        _count(stats, name, module, W.numel() * W.element_size())
+        _count(stats, module, W.numel() * W.element_size())
         model.set_submodule(name, module)
     return _finish(stats)
 
@@ -242,7 +242,7 @@ def _read_qparams(path: str | os.PathLike) -> dict:
 def load_int4_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE):
     """(model, tokenizer, stats): the compressed checkpoint `folder` with its quantized Linears as Int4Linear,
-    loaded without ever holding its float Linear weights: the model is built on the meta device, each Linear is
+    loaded holding one float Linear weight at a time: the model is built on the meta device, each Linear is
     packed from its stored weight read alone, and the other tensors are assigned as read. dtype: of the other
     weights (embeddings, norms, LM head; default: the checkpoint's); compute_dtype: the Int4Linears'. Inputs and
     outputs of an Int4Linear are cast between the two. stats: as `convert_model`'s.
@@ -281,7 +281,7 @@ def load_int4_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
                 if problem is None:
                     module = Int4Linear.from_grid(t, **_grid(qparams, name), bits=q.bits, group_size=q.group_size,
                                                   sym=q.sym, dtype=compute_dtype, name=name)
-                    _count(stats, name, module, t.numel() * t.element_size())
+                    _count(stats, module, t.numel() * t.element_size())
                     model.set_submodule(name, module)
                     continue
                 stats["left_dense"][name] = problem
@@ -323,7 +323,7 @@ def _materialize_buffers(model: nn.Module) -> None:
     way its loader does after a meta-device build; anything else left on meta is an error."""
     for module in model.modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
-        if meta and not any(p.is_meta for p in module.parameters(recurse=False)):
+        if meta and not list(module.parameters(recurse=False)):  # its init then touches these buffers only
             for n in meta:
                 module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
             model._init_weights(module)
