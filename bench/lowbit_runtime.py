@@ -14,14 +14,14 @@ Variants, each in its own subprocess (so peak RSS is its own):
 
 Each variant, in this order: Linear weight bytes held (every Linear but the LM head, which stays dense); peak RSS
 (VmHWM) after decoding (transformers maps an fp32 checkpoint's file and reads the weights in at the first forward,
-so the RSS right after loading undercounts it) and at the end; decode tokens/s: greedy
-generation of 64 tokens after [prompt; 32 WikiText-2 tokens] fed as inputs_embeds (the time of 64 new tokens
-minus that of 1, best of --decode-repeats); prefill tokens/s: `ctp_eval.eval.ppl`'s scoring loop (the prompt's keys/values
-once, then batch-1 1024-token windows with full logits) on the first --prefill-windows windows; WikiText-2 token
-PPL with the prompt (`ctp_eval.eval.ppl.perplexity`) on the first of the ctp_wikitext2 task's 10 shards, for
---ppl-variants only (bf16 matmuls are slow on a CPU without native bf16). Then ratio lines and the targets:
-int4 PPL within 1% of fq-fp32's, int4 Linear bytes <= 0.35x dense bf16's. The peaks whole-run include the
-scoring's (1024, vocab) float logits and their log-softmax, the same for every variant.
+so the RSS right after loading undercounts it) and at the end; decode tokens/s: greedy generation of 64 tokens after
+[prompt; 32 WikiText-2 tokens] fed as inputs_embeds (the time of 64 new tokens minus that of 1, best of
+--decode-repeats); prefill tokens/s: `ctp_eval.eval.ppl`'s scoring loop (the prompt's keys/values once, then batch-1
+1024-token windows with full logits) on the first --prefill-windows windows; WikiText-2 token PPL with the prompt
+(`ctp_eval.eval.ppl.perplexity`) on the first of the ctp_wikitext2 task's 10 shards, for --ppl-variants only (bf16
+matmuls are slow on a CPU without native bf16). Then ratio lines and the targets: int4 PPL within 1% of fq-fp32's,
+int4 Linear bytes <= 0.35x dense bf16's. The peaks whole-run include the scoring's (1024, vocab) float logits and
+their log-softmax, the same for every variant.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for v, r in results.items():
         shown = f"{r['ppl']:.4f}" if "ppl" in r else "not scored"
-        print(f"| {v} | {_mib(r['linear_bytes'])} | {_mib(r['model_bytes'])} | {_mib(r['hwm_serve'])} | {_mib(r['hwm_end'])} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-              f"{shown} |")
+        print(f"| {v} | {_mib(r['linear_bytes'])} | {_mib(r['model_bytes'])} | {_mib(r['hwm_serve'])} | "
+              f"{_mib(r['hwm_end'])} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {shown} |")
     print()
     ref_fq, ref_dense = results.get("fq-fp32"), results.get("dense-bf16")
     for name in ("int4", "int4-bf16", "fq-bf16"):

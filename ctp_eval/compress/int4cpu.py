@@ -22,10 +22,11 @@ groups holding the same pair: the kernel group is the largest allowed size divid
 group width (g128 on a 576-wide layer: groups of 64; a per-channel grid: up to 256).
 
 Compute dtype. Activations, scales and zeros share one dtype; bfloat16 is the default because it is the kernel's
-fast path: on this project's AVX2 CPU (one thread, 1536 x 576 and 576 x 1536 layers, 1 to 1024 rows) bf16 ran
-in 0.2-0.5x the time of a dense bf16 matmul, while float32 and float16 activations took 10-50x longer than bf16
-(a slow generic path). float32 reproduces the fake-quantized matmul to rounding; bf16 rounds activations, scales and
-zeros (see bench/lowbit_runtime.py for the perplexity it costs).
+fast path: on this project's AVX2 CPU (one thread, 1536 x 576 and 576 x 1536 layers) bf16 took 0.24-0.36x the
+time of a dense bf16 matmul from 8 to 1024 rows (0.85-0.97x at one row), while float32 and float16 activations
+took 10-44x longer than bf16 (a slow generic path). float32 reproduces the fake-quantized matmul to rounding;
+bf16 rounds activations, scales and zeros (bench/README.md, "Low-bit runtime": -0.12 % WikiText-2 PPL on
+SmolLM2 gptq:w4g64 with a prompt).
 
 Inference only: the kernel has no backward, so prompts are trained on the fake-quantized model.
 """
