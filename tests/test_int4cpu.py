@@ -231,3 +231,29 @@ def test_ctp_model_scores_the_same_after_conversion(tiny_llama_dir, calib, tmp_p
     assert not _block_linears(lm.model)
     after = [ll for ll, _ in lm.loglikelihood(reqs)]
     assert after == pytest.approx(before, rel=1e-5, abs=1e-4)
+
+
+@needs_kernel
+def test_ctp_weights_int4_runs_packed_with_its_prompt(tiny_llama_dir, calib, tmp_path, one_thread):
+    """`lm_eval --model ctp --model_args ...,weights=int4`: packed before the prompt's cache is computed, scores
+    as the fake-quantized model to bf16 rounding, and says so in the results; refused where it cannot apply."""
+    from lm_eval.api.instance import Instance
+    from ctp_eval.eval.lm import CTPLM
+    from ctp_eval.prompt import SoftPrompt
+
+    src = ensure_compressed(str(tiny_llama_dir), "gptq:w4g64", calib=calib, cache_dir=tmp_path, progress=False)
+    prompt = tmp_path / "prompt.safetensors"
+    SoftPrompt(torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 0.5).save(prompt)
+    reqs = [Instance("loglikelihood", {}, (ctx, cont), 0) for ctx, cont in
+            [("Paris is the capital of", " France"), ("one two three", " four five")]]
+    stored = CTPLM(pretrained=src, prompt=str(prompt), dtype="float32", device="cpu")
+    packed = CTPLM(pretrained=src, prompt=str(prompt), dtype="float32", device="cpu", weights="int4")
+    assert not _block_linears(packed.model) and _block_linears(stored.model)
+    ref, ours = [ll for ll, _ in stored.loglikelihood(reqs)], [ll for ll, _ in packed.loglikelihood(reqs)]
+    assert ours == pytest.approx(ref, rel=2e-2) and ours != ref  # bf16 compute: close, not bit-equal
+    info = packed.get_model_info()
+    assert info["ctp_weights"] == "int4" and info["ctp_int4"]["n_int4"] == 7 * packed.model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="has none"):
+        CTPLM(pretrained=str(tiny_llama_dir), dtype="float32", device="cpu", weights="int4")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        CTPLM(pretrained=src, device="cpu", weights="int8")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
                  hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0, recipe=None, recipe_args=None,
-                 build=None):
+                 build=None, model="tiny", checkpoint=None):
     results, configs = {}, {}
     for task, v in (ppl or {}).items():
         results[task] = {"alias": task, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
@@ -31,12 +31,14 @@ def write_result(d: Path, name: str, *, compression="none", prompt=None, trained
         results[task] = {"alias": task, "acc_norm,none": acc, "acc_norm_stderr,none": se, "acc,none": acc}
     cfg = {
         "model": "ctp", "model_args": f"compression={compression}", "limit": limit,
-        "ctp_base_model": "tiny", "ctp_compression": compression, "ctp_prompt": prompt, "ctp_hard_prompt": hard,
+        "ctp_base_model": model, "ctp_compression": compression, "ctp_prompt": prompt, "ctp_hard_prompt": hard,
         "ctp_peft": None, "ctp_prompt_k": k, "ctp_trainable_params": k * 64 if prompt else 0,
         "ctp_hardware": "test cpu", "ctp_eval_version": "0.1.0",
     }
     if build:
         cfg["ctp_compression_build"] = build
+    if checkpoint:
+        cfg["ctp_checkpoint_quantization"] = checkpoint
     if prompt:
         cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
         if recipe:
@@ -283,3 +285,36 @@ def test_case_study_answers_need_the_samples_file(tmp_path):
     (tmp_path / "samples_ctp_case_study_2026-01-01T00-00-00.000000.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))
     assert list(read_answers(results, "ctp_case_study").items()) == [("A?", "one"), ("B?", "two")]
+
+
+def test_other_tools_checkpoints_get_their_own_table(tmp_path):
+    from ctp_eval.study.leaderboard import external_table, render_markdown
+
+    d = tmp_path / "results"
+    write_result(d, "dense", ppl={"ctp_c4": 20.0})
+    write_result(d, "w4", compression="gptq:w4", build="b1", ppl={"ctp_c4": 30.0})
+    write_result(d, "w4-r", compression="gptq:w4", build="b1", prompt="p.safetensors", k=100, recipe="r", ppl={"ctp_c4": 25.0})
+    write_result(d, "w4-paper", compression="gptq:w4", build="b1", prompt="q.safetensors", k=100, ppl={"ctp_c4": 27.0})
+    write_result(d, "w3", compression="gptq:w3g128", ppl={"ctp_c4": 40.0})
+    nf4 = {"label": "bitsandbytes/nf4", "library": "bitsandbytes", "library_version": "9.9", "in_memory": "quantized"}
+    for name, compression, ppl_c4, prompt in (("nf4", "bitsandbytes/nf4", 28.0, None), ("nf4-r", "bitsandbytes/nf4", 24.0, "n.safetensors"),
+                                              ("ct", "compressed-tensors/w4a16-sym", 36.0, None)):
+        write_result(d, name, compression=compression, model=f"m-{name.split('-')[0]}", prompt=prompt, k=100 if prompt else 0,
+                     recipe="r" if prompt else None, ppl={"ctp_c4": ppl_c4}, checkpoint=nf4 if "nf4" in name else
+                     {"library": "compressed-tensors", "library_version": "1.0", "in_memory": "dequantized"})
+    runs = load_runs([d])
+    headers, rows = external_table(runs)
+    cells = {row[0]: row for row in rows}
+    assert list(cells) == ["gptq:w4, no prompt", "gptq:w4, learned prompt (k=100, c4, recipe r)",
+                           "bitsandbytes/nf4, no prompt", "bitsandbytes/nf4, learned prompt (k=100, c4, recipe r)",
+                           "compressed-tensors/w4a16-sym, no prompt"]  # ours first, same recipe only; then by label
+    learned = cells["bitsandbytes/nf4, learned prompt (k=100, c4, recipe r)"]
+    assert learned[1:4] == ["m-nf4", "bitsandbytes 9.9", "quantized"]
+    assert learned[-1] == "50"  # (28 - 24) / (28 - 20): against its own no-prompt row, not gptq:w4's
+    assert cells["gptq:w4, learned prompt (k=100, c4, recipe r)"][-1] == "50"  # (30 - 25) / (30 - 20)
+    assert cells["compressed-tensors/w4a16-sym, no prompt"][-1] == ""
+    main = [row[0] for row in main_table(runs)[1]]
+    assert not any("/" in label for label in main) and "gptq:w3g128, no prompt" in main
+    page = render_markdown(runs, "t")
+    section = page.split("## Prompts on other tools' compressions")[1].split("\n## ")[0]
+    assert "bitsandbytes 9.9" in section and "gptq:w3g128" not in section

@@ -75,6 +75,26 @@ def test_dry_run_recipe_and_per_task_mc_limits(tmp_path, capsys):
             BenchConfig(**changed)
 
 
+def test_dry_run_other_tools_checkpoints(tmp_path, capsys):
+    from ctp_eval.cli.bench import main
+
+    folder = tmp_path / "SmolLM2-135M-bnb-nf4"
+    main(["--out", str(tmp_path / "out"), "--specs", "gptq:w4", "--checkpoints", f"{folder}/", "--mc-tasks", "ctp_piqa",
+          "--mc-dtype", "bfloat16", "--recipe", "r", "--lr", "0.03", "--no-hard-prompt", "--dry-run"])
+    plan = capsys.readouterr().out.splitlines()
+    trains = [line for line in plan if "ctp-train" in line]
+    assert len(trains) == 2 and f"--model {folder} " in trains[1]
+    assert "smollm2-135m-bnb-nf4-k100-r" in trains[1] and "--compression" not in trains[1]
+    evals = [line for line in plan if "lm_eval" in line and f"pretrained={folder}" in line]
+    prompt = tmp_path / "out" / "prompts" / "smollm2-135m-bnb-nf4-k100-r.safetensors"
+    assert len(evals) == 4  # (no prompt, learned) x (ppl, mc)
+    assert sum(f"prompt={prompt}," in e for e in evals) == 2
+    assert not any("compress_dtype" in e or "compression=" in e for e in evals)  # nothing of ours to rebuild
+    assert any("/smollm2-135m-bnb-nf4-none-ppl" in e for e in evals)
+    with pytest.raises(ValueError, match="share a name"):
+        BenchConfig(checkpoints="a/m,b/m")
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_resumable(tmp_path):
     from conftest import DATA_DIR, build_model, build_tokenizer

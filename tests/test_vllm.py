@@ -138,12 +138,34 @@ def test_wrong_embedding_scale_is_refused(vllm_lm):
         check_embedding_space(vllm_lm.model, emb, ids)
 
 
-def test_prompts_after_bos_are_refused(vllm_lm):
-    from ctp_eval.eval.vllm_lm import prefix_layout
-    from ctp_eval.prompt import PromptError, PromptMetadata, SoftPrompt
+class _Tokenizer:
+    """What the layout reads of a tokenizer: its BOS id and whether a plain text starts with it."""
 
-    rows = torch.randn(2, vllm_lm.prefix.shape[1])
-    embeds, absorb_id = prefix_layout(None, vllm_lm.tokenizer, SoftPrompt(rows, PromptMetadata()), hard_prompt=True)
-    assert torch.equal(embeds, rows) and absorb_id is None  # SmolLM2 adds no BOS: prompt first
-    with pytest.raises(PromptError, match="after BOS"):
-        prefix_layout(None, vllm_lm.tokenizer, SoftPrompt(rows, PromptMetadata(layout="after-bos")), hard_prompt=False)
+    def __init__(self, adds_bos: bool):
+        self.bos_token_id, self.adds_bos = 1, adds_bos
+
+    def __call__(self, text):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[1, 7] if self.adds_bos else [7])
+
+
+def test_prefix_layout_follows_ctp():
+    needs_vllm()
+    from ctp_eval.eval.vllm_lm import mixed_prompt, prefix_layout, text_logprobs
+    from ctp_eval.prompt import PromptMetadata, SoftPrompt
+
+    first, after = (SoftPrompt(torch.randn(2, 8), PromptMetadata(layout=x)) for x in ("prompt-first", "after-bos"))
+    assert prefix_layout(_Tokenizer(False), first, hard_prompt=True) == ([], None)  # no BOS anywhere: prompt first
+    assert prefix_layout(_Tokenizer(True), first, hard_prompt=False) == ([], None)  # as the file says
+    assert prefix_layout(_Tokenizer(True), after, hard_prompt=False) == ([1], 1)
+    assert prefix_layout(_Tokenizer(True), None, hard_prompt=True) == ([1], 1)  # hard tokens go where text would
+    assert prefix_layout(_Tokenizer(True), None, hard_prompt=True, add_bos_token=False) == ([], None)
+    # [BOS][rows][text]: BOS is a token position vLLM embeds; the request's own BOS is absorbed
+    prompt, absorbed = mixed_prompt(after.embeds, [1, 5, 6], absorb_id=1, lead=[1])
+    assert absorbed == 1 and prompt["prompt_token_ids"][0] == 1 and prompt["prompt_token_ids"][3:] == [5, 6]
+    assert prompt["prompt_is_token_ids"] == [True, False, False, True, True]
+    assert torch.equal(prompt["prompt_embeds"][1:3], after.embeds) and not prompt["prompt_embeds"][[0, 3, 4]].any()
+    assert text_logprobs([None, "p1", "p2", "t5", "t6"], 3, absorbed) == [None, "t5", "t6"]
+    prompt, absorbed = mixed_prompt(after.embeds, [5, 6], absorb_id=1, lead=[1])  # a row without BOS gets one
+    assert absorbed == 0 and prompt["prompt_token_ids"][3:] == [5, 6] and len(prompt["prompt_embeds"]) == 5

@@ -40,6 +40,7 @@ from ctp_eval.prompt import PromptMetadata, SoftPrompt
 
 logger = logging.getLogger(__name__)
 
+WEIGHT_RUNTIMES = ("stored", "int4")  # the checkpoint's float weights as stored / 4-bit codes (CPU int4 kernel)
 PROMPT_MODES = ("cache", "cache-plain", "prepend")
 
 
@@ -57,8 +58,11 @@ class CTPLM(HFLM):
         data_dir: str | None = None,
         prompt_mode: str = "cache",
         compress_dtype: str | None = None,
+        weights: str = "stored",
         **kwargs,
     ) -> None:
+        if weights not in WEIGHT_RUNTIMES:
+            raise ValueError(f"weights must be one of {WEIGHT_RUNTIMES}, got {weights!r}")
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
         if not isinstance(pretrained, str) and pretrained is not None:
@@ -110,6 +114,9 @@ class CTPLM(HFLM):
             self.compression, self.checkpoint_quantization = quant.label, quant.details
         if self.backend != "causal":
             raise ValueError("ctp supports decoder-only (causal) models only")
+        self.weights, self.int4_stats = weights, None
+        if weights == "int4":  # before anything is computed from the model: the prompt's cache runs on int4 too
+            self.int4_stats = self._to_int4(path)
 
         self.prompt_mode = prompt_mode
         self.prompt_path = prompt
@@ -147,19 +154,40 @@ class CTPLM(HFLM):
                 with torch.no_grad(), self._autocast():
                     self.prefix_logits = self.model(inputs_embeds=self.prompt_embeds.unsqueeze(0)).logits[:, -1]
 
+    def _to_int4(self, path: str) -> dict:
+        """Swap the quantized Linears for Int4Linear (`ctp_eval.compress.int4cpu`): 4-bit codes kept packed,
+        torch's CPU int4 matmul in bf16. Needs our compressed checkpoint's exact grids (`ctp_qparams.safetensors`)."""
+        from ctp_eval.compress.int4cpu import Int4Error, convert_model, kernel_available
+        from ctp_eval.compress.io import QPARAMS_FILE
+
+        grids = os.path.join(path, QPARAMS_FILE)
+        if self.compression == "none" or external.is_external_label(self.compression) or not os.path.isfile(grids):
+            raise ValueError(f"weights=int4 runs our compressed checkpoints (compression=SPEC or a ctp-compress "
+                             f"folder, which keep {QPARAMS_FILE}); {path} has none")
+        if self.device.type != "cpu" or not kernel_available():
+            raise ValueError(f"weights=int4 is torch's CPU int4 kernel; it does not run on {self.device} here "
+                             "(on GPUs, serve the export with vLLM: docs/inference.md)")
+        try:
+            stats = convert_model(self.model, grids, self.compression)
+        except Int4Error as err:
+            raise ValueError(f"weights=int4: {err}") from err
+        logger.info("weights=int4: %d Linears packed (%.3fx their bf16 bytes), %d left dense%s", stats["n_int4"],
+                    stats["linear_bytes"]["ratio_bf16"], len(stats["left_dense"]),
+                    f" ({'; '.join(f'{k}: {v}' for k, v in list(stats['left_dense'].items())[:3])})"
+                    if stats["left_dense"] else "")
+        return stats
+
     # ----- prompt ---------------------------------------------------------------------------------------
     def _build_prompt(self, prompt: str | None, hard_prompt: str | None) -> SoftPrompt | None:
         """The prompt's rows (hard tokens, then the learned prompt) and `self.layout`, where they sit: the
         learned prompt's recorded layout; a hard prompt alone goes where real text would (after BOS when
         requests start with one)."""
-        from ctp_eval.prompt import layout_for
+        from ctp_eval.prompt.layout import combined_layout
 
         self._learned_prompt_params = 0  # only the loaded prompt is learned; hard-prompt rows are token embeddings
-        self.layout = "prompt-first"
-        parts = []
+        parts, soft = [], None
         if hard_prompt:  # real tokens, as embeddings: identical to prepending the tokens themselves
             parts.append(SoftPrompt.from_text(hard_prompt, self.model, self.tokenizer))
-            self.layout = layout_for(self.tokenizer, self.add_bos_token)
         if prompt:
             soft = SoftPrompt.load(prompt)
             soft.check_compatible(self.model, self.tokenizer)
@@ -169,10 +197,10 @@ class CTPLM(HFLM):
                 )
             parts.append(soft)
             self._learned_prompt_params = soft.embeds.numel()
-            if soft.meta.layout == "after-bos":
-                self.layout = "after-bos"
-            elif self.layout == "after-bos":  # [BOS][hard][prompt-first prompt]: the hard text keeps its BOS
-                logger.info("hard prompt after BOS, then the learned prompt (recorded layout: prompt-first)")
+        self.layout = combined_layout(self.tokenizer, bool(hard_prompt), soft.meta.layout if soft else None,
+                                      self.add_bos_token)
+        if soft and hard_prompt and self.layout == "after-bos" and soft.meta.layout != "after-bos":
+            logger.info("hard prompt after BOS, then the learned prompt (recorded layout: prompt-first)")
         if not parts:
             return None
         if len(parts) == 1:
@@ -333,6 +361,8 @@ class CTPLM(HFLM):
             ctp_prompt_k=self.k,
             ctp_trainable_params=self.trainable_params(),
         )
+        if self.int4_stats is not None:
+            info.update(ctp_weights="int4", ctp_int4=dict(self.int4_stats, group_sizes=dict(self.int4_stats["group_sizes"])))
         if self.checkpoint_quantization is not None:  # quantized by another tool; ctp_compression is its label
             info.update(ctp_checkpoint_quantization=self.checkpoint_quantization)
         meta = self.soft_prompt.meta if self.soft_prompt is not None else None

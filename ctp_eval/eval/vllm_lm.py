@@ -111,6 +111,7 @@ class CTPVLLM(VLLM):
         self.soft_prompt = None  # all prompt rows (hard, then learned)
         self.learned = None  # the loaded prompt file, for what results record
         self.prefix = None  # (P, d) rows in front of every request, in the engine's dtype
+        self.lead: list[int] = []  # token ids in front of the prompt rows (BOS in the "after-bos" layout)
         self.absorb_id = None  # a request's leading copy of this id is already in the prefix
         embeddings = None
         if prompt or hard_prompt:  # check the prompt before the engine's long start-up
@@ -119,12 +120,13 @@ class CTPVLLM(VLLM):
             tokenizer = AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or path)
             embeddings = CheckpointEmbeddings(path)
             self.soft_prompt, self.learned = load_prompt(prompt, hard_prompt, embeddings, tokenizer)
-            prefix, self.absorb_id = prefix_layout(embeddings, tokenizer, self.soft_prompt, bool(hard_prompt))
+            self.lead, self.absorb_id = prefix_layout(tokenizer, self.learned, bool(hard_prompt),
+                                                      kwargs.get("add_bos_token"))
             kwargs["enable_prompt_embeds"] = True
         super().__init__(pretrained=path, **kwargs)
         if self.soft_prompt is None:
             return
-        self.prefix = prefix.to(self.model.llm_engine.model_config.dtype)
+        self.prefix = self.soft_prompt.embeds.to(self.model.llm_engine.model_config.dtype)
         window = super().max_length
         if self.prefix_len >= window:
             raise ValueError(f"the prompt takes {self.prefix_len} positions but the model window is {window} "
@@ -139,8 +141,8 @@ class CTPVLLM(VLLM):
 
     @property
     def prefix_len(self) -> int:
-        """Positions in front of the text."""
-        return 0 if self.prefix is None else self.prefix.shape[0]
+        """Positions in front of the text: the lead ids and the prompt rows."""
+        return 0 if self.prefix is None else len(self.lead) + self.prefix.shape[0]
 
     @property
     def max_length(self) -> int:
@@ -158,7 +160,7 @@ class CTPVLLM(VLLM):
         step = max(1, EMBEDS_BYTES_PER_CALL // per_request)
         outputs = []
         for lo in range(0, len(requests), step):
-            built = [mixed_prompt(self.prefix, ids, self.absorb_id) for ids in requests[lo : lo + step]]
+            built = [mixed_prompt(self.prefix, ids, self.absorb_id, self.lead) for ids in requests[lo : lo + step]]
             chunk = self.model.generate([p for p, _ in built], sampling_params=sampling_params[lo : lo + step],
                                         use_tqdm=self.batch_size == "auto", lora_request=self.lora_request)
             for out, (_, absorbed) in zip(chunk, built, strict=True):
@@ -227,28 +229,30 @@ def load_prompt(prompt: str | None, hard_prompt: str | None, model, tokenizer):
     return SoftPrompt(torch.cat([p.embeds for p in parts]), parts[-1].meta), learned
 
 
-def prefix_layout(model, tokenizer, soft: SoftPrompt, hard_prompt: bool) -> tuple[torch.Tensor, int | None]:
-    """(P, d) float32 rows in front of every request, and the token id whose leading copy in a request the
-    prefix absorbs (None: none). The "prompt-first" layout only: the prompt rows, no BOS. Where `ctp` would put
-    the prompt after BOS (a prompt trained so, or a hard prompt with a BOS-adding tokenizer) this refuses
-    rather than score another layout."""
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-    if getattr(soft.meta, "layout", "prompt-first") != "prompt-first" or (hard_prompt and adds_bos):
-        raise PromptError("this prompt goes after BOS ([BOS][prompt][text]); ctp-vllm places prompts first only "
-                          "so far: evaluate it with --model ctp")
-    return soft.embeds, None
+def prefix_layout(tokenizer, learned: SoftPrompt | None, hard_prompt: bool,
+                  add_bos_token: bool | None = None) -> tuple[list[int], int | None]:
+    """(token ids in front of the prompt rows, the id whose leading copy in a request the prefix absorbs), as
+    `ctp` lays the prefix out (`prompt.layout.combined_layout`): [BOS][prompt][text] with the request's own BOS
+    absorbed for "after-bos", else [prompt][text]. BOS goes in as a token, so vLLM embeds it itself."""
+    from ctp_eval.prompt.layout import combined_layout
+
+    layout = combined_layout(tokenizer, hard_prompt, learned.meta.layout if learned else None, add_bos_token)
+    if layout == "prompt-first":
+        return [], None
+    return [tokenizer.bos_token_id], tokenizer.bos_token_id
 
 
-def mixed_prompt(prefix: torch.Tensor, ids: list[int], absorb_id: int | None = None) -> tuple[dict, int]:
-    """vLLM EmbedsPrompt for [prefix][ids], and how many leading ids the prefix absorbed (0 or 1).
+def mixed_prompt(prefix: torch.Tensor, ids: list[int], absorb_id: int | None = None,
+                 lead: list[int] = ()) -> tuple[dict, int]:
+    """vLLM EmbedsPrompt for [lead ids][prefix rows][ids], and how many leading ids the prefix absorbed (0 or 1).
 
-    The text's rows of prompt_embeds are zeros: vLLM embeds positions marked as token ids itself."""
+    The token positions' rows of prompt_embeds are zeros: vLLM embeds positions marked as token ids itself."""
     absorbed = int(absorb_id is not None and len(ids) > 0 and ids[0] == absorb_id)
-    text = list(ids[absorbed:])
-    p = prefix.shape[0]
-    embeds = torch.cat([prefix, prefix.new_zeros(len(text), prefix.shape[1])])  # (P + n, d)
-    prompt = {"prompt_embeds": embeds, "prompt_token_ids": [PLACEHOLDER_ID] * p + text,
-              "prompt_is_token_ids": [False] * p + [True] * len(text)}
+    text = list(lead) + list(ids[absorbed:])
+    p, n_lead = prefix.shape[0], len(lead)
+    embeds = torch.cat([prefix.new_zeros(n_lead, prefix.shape[1]), prefix, prefix.new_zeros(len(text) - n_lead, prefix.shape[1])])
+    prompt = {"prompt_embeds": embeds, "prompt_token_ids": text[:n_lead] + [PLACEHOLDER_ID] * p + text[n_lead:],
+              "prompt_is_token_ids": [True] * n_lead + [False] * p + [True] * (len(text) - n_lead)}
     return prompt, absorbed
 
 

@@ -34,6 +34,16 @@ def layout_for(tokenizer, add_bos_token: bool | None = None) -> str:
     return "after-bos" if tokenizer_adds_bos(tokenizer, add_bos_token) else "prompt-first"
 
 
+def combined_layout(tokenizer, hard_prompt: bool, learned_layout: str | None,
+                    add_bos_token: bool | None = None) -> str:
+    """Where a prefix of hard-prompt tokens and/or a learned prompt sits: after BOS when the learned prompt was
+    trained there, or when a hard prompt leads and real inputs start with BOS (hard tokens go where text would);
+    else first."""
+    if learned_layout is not None and check_layout(learned_layout) == "after-bos":
+        return "after-bos"
+    return layout_for(tokenizer, add_bos_token) if hard_prompt else "prompt-first"
+
+
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
         raise PromptError(f"unknown prompt layout {layout!r} (this ctp-eval knows {LAYOUTS})")

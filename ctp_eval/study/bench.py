@@ -9,6 +9,7 @@ checkpoints after its current step (and resumes from there), an interrupted eval
 After the spec loop, --transfer-from A,B evaluates the learned prompts of A and B on every other spec (PPL tasks
 only: the transfer matrix). --train-data/--train-split train on another corpus (the data-transfer table) and
 --k sets the prompt length (the ablation); both go into the run and prompt names (see BenchConfig.prompt_tag).
+--checkpoints takes models other tools quantized: each gets the same no-prompt / learned-prompt rows as a spec.
 
 Layout under --out: train/<spec>-<tag>/ (ctp-train output, resumable; --train-dir), prompts/<spec>-<tag>.safetensors
 (finished prompts; --prompts-dir), results/<run>-{ppl,mc}/ (lm-eval output, one folder per evaluation; --results-dir),
@@ -62,6 +63,11 @@ class BenchConfig:
     train_data: str = field(default="c4", metadata=_m("ctp-train --data (the paper: c4)"))
     train_split: str = field(default="train", metadata=_m(
         "ctp-train --data-split; offline WikiText-2 has no train split: --train-data wikitext2 --train-split validation"))
+    checkpoints: str = field(default="", metadata=_m(
+        "comma-separated folders (or hub ids) of models other tools quantized (llm-compressor, bitsandbytes, "
+        "GPTQModel, torchao; docs/external-checkpoints.md): each is evaluated as it is, gets a prompt trained on it, "
+        "and is evaluated with that prompt, beside the specs. Name each folder after its model: results and "
+        "prompts are named after it"))
     transfer_from: str = field(default="", metadata=_m(
         "comma-separated specs whose learned prompts (this --k and training data) are also evaluated on every "
         "other spec of --specs, PPL tasks only (the transfer matrix)"))
@@ -139,6 +145,11 @@ class BenchConfig:
                 raise ValueError(f"--mc-task-limits {item!r}: use TASK=LIMIT (or TASK=none) for a task of --mc-tasks")
             self.mc_limit_overrides[task] = None if value.lower() == "none" else float(value)
         self.transfer_list = spec_list(self.transfer_from)
+        self.checkpoint_list = [c.strip().rstrip("/") for c in self.checkpoints.split(",") if c.strip()]
+        names = [checkpoint_name(c) for c in self.checkpoint_list]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--checkpoints {self.checkpoints!r}: two checkpoints share a name ({names}); their "
+                             "results and prompts would collide: rename a folder")
         if self.train_split not in TRAIN_SPLITS:
             raise ValueError(f"--train-split must be one of {TRAIN_SPLITS}, got {self.train_split!r}")
         changed = [f"--{f.replace('_', '-')}" for f, paper in presets.PAPER_RECIPE.items() if getattr(self, f) != paper]
@@ -156,6 +167,11 @@ class BenchConfig:
         """Names a learned prompt's run: k, plus the training data where it is not the paper's C4 train."""
         data = "" if (self.train_data, self.train_split) == ("c4", "train") else f"-{slug(self.train_data)}-{self.train_split}"
         return f"k{self.k}{data}" + (f"-{self.recipe}" if self.recipe else "")
+
+
+def checkpoint_name(checkpoint: str) -> str:
+    """Run and prompt name of another tool's checkpoint: its folder's (or hub id's) last part, slugged."""
+    return slug(Path(checkpoint).name or checkpoint)
 
 
 def _bin(name: str) -> str:
@@ -253,7 +269,7 @@ class Runner:
                 continue
             dtype, batch = (cfg.dtype, cfg.eval_batch_size) if part == "ppl" else (cfg.mc_dtype, cfg.mc_batch_size)
             extra = f"dtype={dtype}" + (f",max_length={cfg.max_length}" if cfg.max_length else "")
-            if dtype != cfg.dtype and not dense:  # score the build the PPL rows and prompts used
+            if dtype != cfg.dtype and "compression=" in model_args:  # score the build the PPL rows and prompts used
                 extra += f",compress_dtype={cfg.dtype}"
             full_args = ",".join(a for a in (model_args, extra) if a)
             cmd = [_bin("lm_eval"), "--model", "ctp", "--model_args", full_args,
@@ -321,6 +337,13 @@ class Runner:
             if cfg.hard_prompt:
                 self.evaluate(f"{name}-hard", f"{args},hard_prompt=paper", dense=False)
             prompt = self.train(spec, path)
+            self.evaluate(f"{name}-learned-{cfg.prompt_tag}", f"{args},prompt={prompt}", dense=False)
+        for checkpoint in cfg.checkpoint_list:  # another tool's quantization: no compression step of ours
+            name, args = checkpoint_name(checkpoint), f"pretrained={checkpoint}"
+            self.evaluate(f"{name}-none", args, dense=False)
+            if cfg.hard_prompt:
+                self.evaluate(f"{name}-hard", f"{args},hard_prompt=paper", dense=False)
+            prompt = self.train(name, checkpoint)
             self.evaluate(f"{name}-learned-{cfg.prompt_tag}", f"{args},prompt={prompt}", dense=False)
         for source in cfg.transfer_list:  # after the loop: every source prompt has been trained by now
             prompt = self.published(source)

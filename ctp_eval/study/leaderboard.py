@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 
 from ctp_eval import files
+from ctp_eval.external import is_external_label  # imports no torch
 from ctp_eval.study.runs import (  # noqa: F401
+    KIND_ORDER,
     MC_TASKS,
     PPL_TASKS,
     MCScore,
@@ -106,6 +108,8 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         if r.kind == "dense" or not (r.values or r.mc):  # e.g. a configuration run only for the case study
             continue
+        if is_external_label(r.compression):
+            continue  # other tools' checkpoints: their own table (external_table)
         if r.kind == "learned" and (r.trained_on != r.compression or r.train_data != "c4" or r.k != k or r.in_study):
             continue  # transfer / other data / other k / study cells: tables 2-5
         if r.kind == "lora" and r.trained_on != r.compression:
@@ -130,6 +134,49 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         if recovery:
             row += [f"{r.trainable_params:,}", " / ".join(gaps) if gaps else ""]
         rows.append(row)
+    return headers, rows
+
+
+def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
+    """Checkpoints other tools quantized (rows labelled METHOD/SCHEME), without and with a prompt learned on each,
+    beside our own 4-bit GPTQ rows of the same recipe; each row's gap is against its own no-prompt row."""
+    from ctp_eval.compress.spec import parse_spec
+
+    k, ppl = main_k(runs), _ppl_tasks(runs)
+    dense = next((r for r in runs if r.kind == "dense"), None)
+    mains = [r for r in runs if r.kind in ("none", "hard") or (r.kind == "learned" and r.trained_on == r.compression
+                                                                   and r.train_data == "c4" and r.k == k and not r.in_study)]
+    external = [r for r in mains if is_external_label(r.compression)]
+    if not external:
+        return None
+    recipes = {r.recipe for r in external if r.kind == "learned"}
+
+    def ours_4bit(spec: str) -> bool:
+        parsed = parse_spec(spec)
+        return bool(parsed.quant) and not parsed.sparse and parsed.quant.bits == 4
+
+    own_builds = {(r.compression, r.build) for r in mains if r.kind == "learned" and r.recipe in recipes
+                  and not is_external_label(r.compression) and ours_4bit(r.compression)}
+    rows_runs = [r for r in mains if (r.compression, r.build) in own_builds
+                 and (r.kind != "learned" or r.recipe in recipes)] + external
+    rows_runs.sort(key=lambda r: (is_external_label(r.compression), spec_sort_key(r.compression), r.build,
+                                  r.model, KIND_ORDER[r.kind], r.recipe))
+    several = multi_build_specs(runs)
+    headers = (["configuration", "checkpoint", "loaded with", "in memory"] + [_ppl_header(t, runs) for t in ppl]
+               + ["gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"])
+    rows = []
+    for r in rows_runs:
+        base = next((x for x in rows_runs if x.kind == "none" and (x.model, x.compression, x.build)
+                     == (r.model, r.compression, r.build)), None)
+        gaps = ""
+        if r.kind != "none" and base and dense:
+            gaps = " / ".join("–" if (g := gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t)))
+                              is None else f"{g:.0f}" for t in ppl)
+        info = r.checkpoint
+        loader = f"{info.get('library', '?')} {info.get('library_version') or '?'}" if info else "ctp-compress"
+        memory = info.get("in_memory", "?") if info else "dequantized (fake-quantized float)"
+        rows.append([label(r, r.compression in several), r.model if info else "(ours)", loader, memory]
+                    + [fmt_ppl(r.values.get(t)) for t in ppl] + [gaps])
     return headers, rows
 
 
@@ -322,6 +369,13 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
         out.append(f"- Subsets (lm-eval --limit; for the PPL tasks, shards of 10): {', '.join(lim)}; see *Runs* for each run.")
     if notes:
         out += ["", notes.strip()]
+    external = external_table(runs)
+    if external:
+        out += ["", "## Prompts on other tools' compressions", "",
+                "Checkpoints quantized by other tools (rows labelled by their own `quantization_config`, "
+                "docs/external-checkpoints.md), each without a prompt and with a prompt learned on it by the recipe "
+                "named in the row, beside our own 4-bit GPTQ rows of that recipe. Each gap is recovered against the "
+                "row's own no-prompt perplexity and the dense model's.", "", _table(*external), ""]
     subsets = mc_subsets_table(runs)
     if subsets:
         out += ["", "## Multiple choice on other subsets", "",

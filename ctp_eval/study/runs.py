@@ -54,6 +54,7 @@ class Run:
     limits: dict[str, float | None] = field(default_factory=dict)  # ppl task -> --limit used
     files: list[dict] = field(default_factory=list)  # per results file: command, date, hardware, wall time
     answers: dict[str, str] = field(default_factory=dict)  # case-study question -> the greedy answer
+    checkpoint: dict = field(default_factory=dict)  # another tool's checkpoint: its quantization record (external.py)
 
     @property
     def key(self) -> tuple:
@@ -112,6 +113,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         build=cfg.get("ctp_compression_build") or "",
         recipe=(cfg.get("ctp_prompt_recipe") or "paper") if kind in ("learned", "lora") else "",
         recipe_args=cfg.get("ctp_prompt_recipe_args") or {},
+        checkpoint=cfg.get("ctp_checkpoint_quantization") or {},
     )
     tasks = sorted(res.get("results", {}))
     limit = cfg.get("limit")
@@ -180,6 +182,7 @@ def load_runs(paths: list[str | os.PathLike], root: str | os.PathLike | None = N
         m.files.extend(run.files)
         m.answers.update(run.answers)
         m.trainable_params = max(m.trainable_params, run.trainable_params)
+        m.checkpoint = m.checkpoint or run.checkpoint
     return sorted(merged.values(), key=run_sort_key)
 
 
