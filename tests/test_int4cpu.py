@@ -238,6 +238,7 @@ def test_ctp_weights_int4_runs_packed_with_its_prompt(tiny_llama_dir, calib, tmp
     """`lm_eval --model ctp --model_args ...,weights=int4`: packed before the prompt's cache is computed, scores
     as the fake-quantized model to bf16 rounding, and says so in the results; refused where it cannot apply."""
     from lm_eval.api.instance import Instance
+
     from ctp_eval.eval.lm import CTPLM
     from ctp_eval.prompt import SoftPrompt
 

@@ -303,7 +303,7 @@ def test_other_tools_checkpoints_get_their_own_table(tmp_path):
                      recipe="r" if prompt else None, ppl={"ctp_c4": ppl_c4}, checkpoint=nf4 if "nf4" in name else
                      {"library": "compressed-tensors", "library_version": "1.0", "in_memory": "dequantized"})
     runs = load_runs([d])
-    headers, rows = external_table(runs)
+    _, rows = external_table(runs)
     cells = {row[0]: row for row in rows}
     assert list(cells) == ["gptq:w4, no prompt", "gptq:w4, learned prompt (k=100, c4, recipe r)",
                            "bitsandbytes/nf4, no prompt", "bitsandbytes/nf4, learned prompt (k=100, c4, recipe r)",

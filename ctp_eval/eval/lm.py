@@ -321,24 +321,16 @@ class CTPLM(HFLM):
 
     # ----- requests -------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        # Docs of the ctp_* perplexity tasks carry a "ctp_ppl" dict (seqlen, source): those are scored under
-        # the paper protocol by ctp_eval.eval.ppl; any other rolling request is lm-eval's standard computation.
-        protocol = [i for i, r in enumerate(requests) if isinstance(r.doc, dict) and "ctp_ppl" in r.doc]
-        if not protocol:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        # The ctp_* perplexity tasks' requests get the paper protocol (ctp_eval.eval.ppl), others lm-eval's own.
         from ctp_eval.eval import ppl
 
-        rest = [i for i in range(len(requests)) if i not in set(protocol)]
-        out: list = [None] * len(requests)
-        for i, res in zip(protocol, ppl.score_protocol_requests(self, [requests[i] for i in protocol])):
-            out[i] = res
-        if rest or self.world_size > 1:
-            # HFLM's rolling pass all-gathers window counts across ranks: every rank must join it, so a rank
-            # holding only protocol requests runs one throwaway request through it.
-            reqs = [requests[i] for i in rest] or [Instance("loglikelihood_rolling", {}, ("ctp",), 0)]
-            for i, res in zip(rest, super().loglikelihood_rolling(reqs, disable_tqdm)):
-                out[i] = res
-        return out
+        def standard(reqs):  # a rank with no such request still joins HFLM's all-gather, with a throwaway one
+            out = super(CTPLM, self).loglikelihood_rolling(reqs or [Instance("loglikelihood_rolling", {}, ("ctp",), 0)],
+                                                          disable_tqdm)
+            return out[: len(reqs)]
+
+        return ppl.route_rolling(requests, lambda reqs: ppl.score_protocol_requests(self, reqs), standard,
+                                 join_rest=self.world_size > 1)
 
     def trainable_params(self) -> int:
         """What the recovery method trains: learned prompt entries, or LoRA weights (a hard prompt trains 0)."""

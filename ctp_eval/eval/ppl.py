@@ -166,6 +166,29 @@ def protocol_batch_size(lm, seqlen: int) -> int:
     return 1
 
 
+def is_protocol_request(request) -> bool:
+    """A `loglikelihood_rolling` request of the ctp_* perplexity tasks: its doc carries a "ctp_ppl" spec."""
+    return isinstance(request.doc, dict) and "ctp_ppl" in request.doc
+
+
+def route_rolling(requests, score_protocol, score_rest, join_rest: bool = False) -> list:
+    """`loglikelihood_rolling` for a model with both paths: the ctp_* perplexity tasks' requests go to
+    `score_protocol` (the paper protocol), any other to `score_rest` (lm-eval's standard computation); results in
+    request order. `join_rest` calls `score_rest` even with nothing to score (HFLM's rolling pass all-gathers
+    across ranks, so every rank must join it; the caller then runs a throwaway request)."""
+    protocol = [i for i, r in enumerate(requests) if is_protocol_request(r)]
+    if not protocol:
+        return score_rest(requests)
+    out: list = [None] * len(requests)
+    for i, res in zip(protocol, score_protocol([requests[i] for i in protocol]), strict=True):
+        out[i] = res
+    rest = [i for i in range(len(requests)) if i not in set(protocol)]
+    if rest or join_rest:
+        for i, res in zip(rest, score_rest([requests[i] for i in rest])):
+            out[i] = res
+    return out
+
+
 def score_protocol_requests(lm, requests, window_nlls_fn=None) -> list[tuple[float, int]]:
     """Responses for lm-eval `loglikelihood_rolling` requests whose doc carries a "ctp_ppl" spec.
 

@@ -171,21 +171,12 @@ class CTPVLLM(VLLM):
 
     # ----- paper-protocol perplexity --------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        # Docs of the ctp_* perplexity tasks carry a "ctp_ppl" dict: those get the paper protocol (ctp_eval.eval.ppl).
-        protocol = [i for i, r in enumerate(requests) if isinstance(r.doc, dict) and "ctp_ppl" in r.doc]
-        if not protocol:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        out: list = [None] * len(requests)
-        from ctp_eval.eval.ppl import score_protocol_requests
+        # The ctp_* perplexity tasks' requests get the paper protocol (ctp_eval.eval.ppl), others lm-eval's own.
+        from ctp_eval.eval import ppl
 
-        for i, res in zip(protocol, score_protocol_requests(self, [requests[i] for i in protocol],
-                                                            window_nlls_fn=self.window_nlls)):
-            out[i] = res
-        rest = [i for i in range(len(requests)) if i not in set(protocol)]
-        if rest:
-            for i, res in zip(rest, super().loglikelihood_rolling([requests[i] for i in rest], disable_tqdm)):
-                out[i] = res
-        return out
+        return ppl.route_rolling(
+            requests, lambda reqs: ppl.score_protocol_requests(self, reqs, window_nlls_fn=self.window_nlls),
+            lambda reqs: super(CTPVLLM, self).loglikelihood_rolling(reqs, disable_tqdm=disable_tqdm))
 
     def window_nlls(self, windows: torch.Tensor) -> list[float]:
         """NLL (nats) of positions 1..T-1 of each (nw, T) window, prompt in front: ppl.window_nlls's unit of
