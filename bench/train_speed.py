@@ -13,6 +13,8 @@ Variants, each run in its own subprocess (neither sees the other's allocations),
   ctp-shared   the same step with the prompt shared by the rows (shared_prefix=True; ctp-train's CPU default)
   ctp-full     the default step with --loss-chunk 0 (full (B, T, V) logits)
   peft         get_peft_model(PromptTuningConfig) + `model(input_ids, labels=ids).loss` + AdamW + clipping
+  lora         ctp-train's LoRA baseline step (`--method lora`: r=32, alpha=32, dropout 0.1 on q/v, the paper's),
+               same data path and loss as ctp: the soft prompt's cost against LoRA's
 tokens/s counts the B x T text tokens of a step (the same for all). Timed: --steps optimizer steps after --warmup
 untimed ones. Memory: on CUDA, max_memory_allocated during the steps; on CPU, the peak resident set sampled every
 2 ms from the loaded model until the last step, minus the RSS right after loading (the model is the same for all).
@@ -38,7 +40,7 @@ from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
     machine,
 )
 
-VARIANTS = ("ctp", "ctp-prepend", "ctp-shared", "ctp-full", "peft")
+VARIANTS = ("ctp", "ctp-prepend", "ctp-shared", "ctp-full", "peft", "lora")
 
 
 def _rss() -> int:
@@ -107,7 +109,7 @@ def _make_step(variant, args, model, tok, ids, autocast):
         chunk = {"loss_chunk": 0} if variant == "ctp-full" else {} if args.loss_chunk is None else \
             {"loss_chunk": args.loss_chunk}  # default: ctp-train's own
         cfg = TrainConfig(out="-", k=args.k, seqlen=args.seqlen, batch_size=args.batch_size, steps=1000,
-                          dtype=args.dtype, **chunk)
+                          dtype=args.dtype, method="lora" if variant == "lora" else "prompt", **chunk)
         tuner = build_tuner(model, tok, cfg)
         if variant in ("ctp-prepend", "ctp-shared"):  # else ctp-train's default for this device
             tuner.shared_prefix = variant == "ctp-shared"
@@ -165,7 +167,7 @@ def worker(args) -> dict:
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
     peak = torch.cuda.max_memory_allocated() if cuda else mem.peak - loaded
     return {"variant": args.variant, "dtype": args.dtype, "tok_s": args.batch_size * args.seqlen * args.steps / seconds,
-            "s_per_step": seconds / args.steps, "peak_mib": peak / 2**20,
+            "s_per_step": seconds / args.steps, "peak_mib": peak / 2**20, "trainable": sum(p.numel() for p in params),
             "memory": "cuda max_memory_allocated" if cuda else "peak RSS above loaded model"}
 
 
@@ -216,13 +218,13 @@ def main(argv=None) -> None:
                     sys.exit(f"{variant} ({dtype}) failed:\n{proc.stderr[-3000:]}")
                 runs.setdefault((dtype, variant), []).append(json.loads(lines[-1][len("RESULT "):]))
         print(f"\n== {dtype}; load average before / after: {load_before} / {load()}")
-        print(f"{'variant':12s} {'tok/s':>8s} {'s/step':>7s} {'peak MiB':>9s}  runs tok/s | peak MiB")
+        print(f"{'variant':12s} {'trainable':>10s} {'tok/s':>8s} {'s/step':>7s} {'peak MiB':>9s}  runs tok/s | peak MiB")
         med = {}
         for variant in variants:
             rs = runs[(dtype, variant)]
             med[variant] = {key: statistics.median(r[key] for r in rs) for key in ("tok_s", "s_per_step", "peak_mib")}
             m = med[variant]
-            print(f"{variant:12s} {m['tok_s']:8.1f} {m['s_per_step']:7.2f} {m['peak_mib']:9.0f}  "
+            print(f"{variant:12s} {rs[0]['trainable']:10,d} {m['tok_s']:8.1f} {m['s_per_step']:7.2f} {m['peak_mib']:9.0f}  "
                   + " ".join(f"{r['tok_s']:.1f}" for r in rs) + " | " + " ".join(f"{r['peak_mib']:.0f}" for r in rs))
         print(f"memory: {rs[0]['memory']}")
         for variant in [v for v in variants if v != "peft"]:
@@ -231,6 +233,9 @@ def main(argv=None) -> None:
                 target = "  (target: speed >= 1.5, memory <= 0.7)" if variant == "ctp" else ""
                 print(f"ratio [{dtype}] {variant} / peft: speed x{c['tok_s'] / q['tok_s']:.2f}, "
                       f"peak memory x{c['peak_mib'] / q['peak_mib']:.2f}{target}")
+        if "ctp" in med and "lora" in med:
+            print(f"ratio [{dtype}] ctp / lora: speed x{med['ctp']['tok_s'] / med['lora']['tok_s']:.2f}, "
+                  f"peak memory x{med['ctp']['peak_mib'] / med['lora']['peak_mib']:.2f}")
         if "ctp" in med and "ctp-prepend" in med:
             print(f"ratio [{dtype}] ctp / ctp-prepend: speed x{med['ctp']['tok_s'] / med['ctp-prepend']['tok_s']:.2f}, "
                   f"peak memory x{med['ctp']['peak_mib'] / med['ctp-prepend']['peak_mib']:.2f}")
