@@ -318,3 +318,12 @@ def test_other_tools_checkpoints_get_their_own_table(tmp_path):
     page = render_markdown(runs, "t")
     section = page.split("## Prompts on other tools' compressions")[1].split("\n## ")[0]
     assert "bitsandbytes 9.9" in section and "gptq:w3g128" not in section
+
+
+def test_direct_vs_transferred_table(results_dir):
+    from ctp_eval.study.leaderboard import direct_vs_transferred_table
+
+    headers, rows = direct_vs_transferred_table(load_runs([results_dir]))
+    assert headers[-3:] == ["no prompt", "direct prompt", "transferred C4 prompt"]
+    # gptq:w3g128 on WikiText-2: no prompt 30, the wikitext2-trained prompt 20, the C4-trained one 25
+    assert rows == [["gptq:w3g128", "WikiText-2", "paper", "`wikitext2-validation`", "30.00", "20.00", "25.00"]]

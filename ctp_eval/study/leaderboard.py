@@ -249,6 +249,29 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
     return headers, rows
 
 
+def direct_vs_transferred_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
+    """The paper's Table 2: on a target dataset, the compressed model without a prompt, with a prompt trained on
+    that dataset (direct) and with the C4-trained prompt (transferred), per compression and recipe; the PPL of
+    the target's own test set. Rows exist where a prompt was trained on a non-C4 corpus that is a PPL task."""
+    k = main_k(runs)
+    learned = [r for r in runs if r.kind == "learned" and r.k == k and r.trained_on == r.compression and not r.in_study]
+    task_of = {PPL_TASKS[t].lower().replace("-", ""): t for t in _ppl_tasks(runs)}  # "wikitext2" -> ctp_wikitext2
+    rows = []
+    for d in sorted((r for r in learned if r.train_data != "c4" and r.train_data in task_of),
+                    key=lambda r: (spec_sort_key(r.compression), r.build, r.recipe, list(task_of).index(r.train_data))):
+        task = task_of[d.train_data]
+        base = next((r for r in runs if r.kind == "none" and (r.compression, r.build) == (d.compression, d.build)), None)
+        c4 = next((r for r in learned if r.train_data == "c4" and r.recipe == d.recipe
+                   and (r.compression, r.build) == (d.compression, d.build)), None)
+        rows.append([d.compression, PPL_TASKS[task], d.recipe, f"`{d.train_source}`",
+                     fmt_ppl(base.values.get(task) if base else None), fmt_ppl(d.values.get(task)),
+                     fmt_ppl(c4.values.get(task) if c4 else None)])
+    if not rows:
+        return None
+    return ["compression", "target dataset", "recipe", "direct prompt trained on", "no prompt", "direct prompt",
+            "transferred C4 prompt"], rows
+
+
 def length_ablation_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
     learned = [r for r in runs if r.kind == "learned" and r.train_data == "c4" and r.trained_on == r.compression
                and r.recipe == "paper"]  # the ablation is of the paper's recipe
@@ -387,6 +410,12 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
         out += ["", "## Transfer across compression levels", ""]
         for _, headers, rows in transfer:
             out += [_table(headers, rows), ""]
+    direct = direct_vs_transferred_table(runs)
+    if direct:
+        out += ["", "## Direct vs transferred prompts", "",
+                "Perplexity on each target dataset's test set (the shards above): without a prompt, with a prompt "
+                "trained on that dataset, and with the prompt trained on C4 by the same recipe.", "",
+                _table(*direct), ""]
     data_t = dataset_transfer_table(runs)
     if data_t:
         out += ["", "## Transfer across training data", "", _table(*data_t), ""]
