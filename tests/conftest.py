@@ -99,3 +99,11 @@ def calib(tmp_path_factory):
     f.write_text("\n".join(json.dumps({"text": text * (3 + i)}) for i in range(6)))
     return CalibConfig(dataset=str(f), nsamples=4, seqlen=16, seed=0)
 
+
+
+def instances(kind: str, args: list[tuple], docs: list | None = None):
+    """lm-eval requests of one type, as a task would hand them to a model."""
+    from lm_eval.api.instance import Instance
+
+    docs = docs or [{}] * len(args)
+    return [Instance(request_type=kind, doc=doc, arguments=a, idx=0) for a, doc in zip(args, docs)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import instances as requests
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +44,6 @@ def ctp_lm():
     from ctp_eval.eval.lm import CTPLM
 
     return CTPLM(prompt=str(PROMPT), dtype="float32", device="cpu", batch_size=4, max_length=WINDOW)
-
-
-def requests(kind: str, args: list[tuple], docs: list | None = None):
-    from lm_eval.api.instance import Instance
-
-    docs = docs or [{}] * len(args)
-    return [Instance(request_type=kind, doc=doc, arguments=a, idx=0) for a, doc in zip(args, docs)]
 
 
 def test_mixed_prompt_layout():
@@ -127,7 +121,11 @@ def test_ppl_protocol_matches_ctp(vllm_lm, ctp_lm):
 
 
 def test_wrong_embedding_scale_is_refused(vllm_lm):
-    from ctp_eval.eval.vllm_lm import SPACE_TEXT, CheckpointEmbeddings, check_embedding_space
+    from ctp_eval.eval.vllm_lm import (
+        SPACE_TEXT,
+        CheckpointEmbeddings,
+        check_embedding_space,
+    )
     from ctp_eval.prompt import PromptError
 
     emb = CheckpointEmbeddings(vllm_lm.model.llm_engine.model_config.model)

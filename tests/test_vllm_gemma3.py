@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import instances as requests
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,6 @@ def ctp_lm(gemma_dir):
 
     return CTPLM(pretrained="gemma3-270m", hard_prompt="paper", dtype="float32", device="cpu", batch_size=2,
                  max_length=WINDOW)
-
-
-def requests(kind: str, args: list[tuple], docs: list | None = None):
-    from lm_eval.api.instance import Instance
-
-    docs = docs or [{}] * len(args)
-    return [Instance(request_type=kind, doc=doc, arguments=a, idx=0) for a, doc in zip(args, docs)]
 
 
 def test_prefix_goes_after_bos(vllm_lm, ctp_lm):
