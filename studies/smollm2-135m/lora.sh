@@ -6,6 +6,8 @@
 # NAME=lora-lr1e-3 for a sweep cell). Resumable: ctp-train resumes its checkpoint, finished evaluations are skipped.
 #   CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
 #   SPECS=gptq:w3g128 LR=1e-3 NAME=lora-lr1e-3 CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
+# MC=1 also scores the multiple-choice subsets the prompt rows use (OBQA and PIQA whole, HellaSwag's first 1,000;
+# fp32, batch 4), once the adapter exists.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${CTP_DATA_DIR:?set CTP_DATA_DIR to the data folder}"
@@ -19,9 +21,18 @@ for spec in ${SPECS//,/ }; do
   ctp-train --method lora --compression "$spec" --calib-nsamples 16 --calib-seqlen 512 --steps 400 --batch-size 4 \
             --seqlen 256 --lr "$LR" --warmup-steps 40 --val-windows 8 --val-seqlen 1024 --eval-every 40 \
             --save-every 40 --recipe-name "$NAME" --out "$out" --resume --no-progress
+  args="compression=$spec,$CALIB,peft=$out/adapter,dtype=float32,max_length=1124"
   results=leaderboards/smollm2-135m/results/$slug-$NAME-ppl
-  if compgen -G "$results/*/results_*.json" > /dev/null; then echo "skip $results: done"; continue; fi
-  lm_eval --model ctp --model_args "compression=$spec,$CALIB,peft=$out/adapter,dtype=float32,max_length=1124" \
-          --tasks ctp_c4,ctp_wikitext2,ctp_ptb --limit 1 --metadata '{"ppl_standard": false}' --batch_size 4 \
-          --output_path "$results"
+  if compgen -G "$results/*/results_*.json" > /dev/null; then echo "skip $results: done"; else
+    lm_eval --model ctp --model_args "$args" --tasks ctp_c4,ctp_wikitext2,ctp_ptb --limit 1 \
+            --metadata '{"ppl_standard": false}' --batch_size 4 --output_path "$results"
+  fi
+  [[ "${MC:-0}" == 1 ]] || continue
+  for part in "mc-all ctp_openbookqa,ctp_piqa" "mc-limit1000 ctp_hellaswag"; do
+    read -r name tasks <<< "$part"
+    results=leaderboards/smollm2-135m/results/$slug-$NAME-$name
+    if compgen -G "$results/*/results_*.json" > /dev/null; then echo "skip $results: done"; continue; fi
+    lm_eval --model ctp --model_args "$args" --tasks "$tasks" --batch_size 4 --output_path "$results" \
+            $([[ $name == mc-limit1000 ]] && echo --limit 1000)
+  done
 done
