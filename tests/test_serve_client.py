@@ -47,3 +47,11 @@ def test_unreadable_prompt_is_refused(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a prompt")
     with pytest.raises(PromptError):
         chat_payload(tmp_path / "bad.safetensors", "x", model="m")
+
+
+def test_cli_says_why_when_no_server_answers(tmp_path):
+    from ctp_eval.cli.request import main
+
+    path = SoftPrompt(torch.randn(2, 8), PromptMetadata()).save(tmp_path / "p.safetensors")
+    with pytest.raises(SystemExit, match="ctp-request: .*(refused|Errno)"):
+        main(["--url", "http://127.0.0.1:9", "--prompt", str(path), "--model", "m", "hello"])
