@@ -254,7 +254,54 @@ def test_ctp_weights_int4_runs_packed_with_its_prompt(tiny_llama_dir, calib, tmp
     assert ours == pytest.approx(ref, rel=2e-2) and ours != ref  # bf16 compute: close, not bit-equal
     info = packed.get_model_info()
     assert info["ctp_weights"] == "int4" and info["ctp_int4"]["n_int4"] == 7 * packed.model.config.num_hidden_layers
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(ValueError, match="not a compressed-tensors"):
         CTPLM(pretrained=str(tiny_llama_dir), dtype="float32", device="cpu", weights="int4")
     with pytest.raises(ValueError, match="weights must be one of"):
         CTPLM(pretrained=src, device="cpu", weights="int8")
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", ["gptq:w4g64", "gptq:w4g32-sym"])
+def test_ctp_weights_int4_reads_a_compressed_tensors_export(tiny_llama_dir, calib, tmp_path, one_thread, spec):
+    """weights=int4 on a `ctp-compress --export` folder (what llm-compressor's W4A16 folders also are): the grids
+    come from its scale / zero-point tensors, and the packed model is the one our own folder gives."""
+    from lm_eval.api.instance import Instance
+
+    from ctp_eval.compress.export import export_compressed
+    from ctp_eval.compress.int4cpu import compressed_tensors_grids
+    from ctp_eval.eval.lm import CTPLM
+
+    src = ensure_compressed(str(tiny_llama_dir), spec, calib=calib, cache_dir=tmp_path, progress=False)
+    out = tmp_path / "export"
+    export_compressed(src, out)
+    assert not (out / QPARAMS_FILE).exists()
+    grids, read_spec = compressed_tensors_grids(out)
+    assert read_spec.startswith("rtn:w4g") and read_spec.endswith("-sym") == spec.endswith("-sym")
+    reqs = [Instance("loglikelihood", {}, ("Paris is the capital of", " France"), 0)]
+    ours = CTPLM(pretrained=src, dtype="float32", device="cpu", weights="int4")
+    exported = CTPLM(pretrained=str(out), dtype="float32", device="cpu", weights="int4")
+    assert not _block_linears(exported.model) and exported.int4_stats["n_int4"] == ours.int4_stats["n_int4"]
+    assert exported.loglikelihood(reqs)[0][0] == pytest.approx(ours.loglikelihood(reqs)[0][0], abs=1e-5)
+
+
+def test_compressed_tensors_grids_refuse_what_the_kernel_cannot_run(tmp_path):
+    import json
+
+    from ctp_eval.compress.int4cpu import compressed_tensors_grids
+
+    def folder(weights, **extra):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, **extra}}}
+        (d / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        return d
+
+    w4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "symmetric": True}
+    for weights, extra, reason in [(dict(w4, num_bits=8), {}, "do not fit"), (dict(w4, type="float"), {}, "do not fit"),
+                                   (dict(w4, actorder="group"), {}, "act-order"),
+                                   (w4, {"input_activations": {"num_bits": 8}}, "weight-only")]:
+        with pytest.raises(Int4Error, match=reason):
+            compressed_tensors_grids(folder(weights, **extra))
+    with pytest.raises(Int4Error, match="no packed Linear"):
+        compressed_tensors_grids(folder(w4))

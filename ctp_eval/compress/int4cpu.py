@@ -240,6 +240,51 @@ def _read_qparams(path: str | os.PathLike) -> dict:
     return out
 
 
+def compressed_tensors_grids(folder: str | os.PathLike) -> tuple[dict, str]:
+    """(grids, spec) of a compressed-tensors `pack-quantized` weight-only folder of at most 4 bits (a
+    `ctp-compress --export`, or llm-compressor's W4A16), in our convention (`convert_model`'s qparams: scale and
+    integer zero point per group, w = scale * (q - zero), unsigned q), read from its scale and zero-point tensors
+    alone; the spec names bits, stored group (0: per channel) and symmetry. compressed-tensors' signed codes and
+    zero points differ from ours by 2^(b-1) (export.py's module docstring), so its zero z' is ours minus that."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        raise Int4Error(f"{folder} is not a compressed-tensors pack-quantized checkpoint")
+    schemes = [g for g in (qc.get("config_groups") or {}).values() if g.get("weights")]
+    weights = {json.dumps(g["weights"], sort_keys=True) for g in schemes}
+    if len(weights) != 1 or any(g.get("input_activations") for g in schemes):
+        raise Int4Error(f"{folder}: the int4 kernel runs one weight-only scheme; this checkpoint has {len(weights)} "
+                        "weight schemes or quantized activations")
+    w = schemes[0]["weights"]
+    bits, strategy, sym = int(w["num_bits"]), w.get("strategy"), bool(w.get("symmetric", True))
+    if w.get("type", "int") != "int" or bits > 4 or strategy not in ("channel", "group"):
+        raise Int4Error(f"{folder}: {w.get('type')} {bits}-bit {strategy} weights do not fit the 4-bit kernel")
+    if w.get("actorder") == "group":  # columns in act order need a g_idx the kernel has no way to apply
+        raise Int4Error(f"{folder}: grouped act-order weights (g_idx) do not fit the kernel")
+    group = int(w["group_size"]) if strategy == "group" else 0
+    mid = 2 ** (bits - 1)
+    grids: dict = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if not key.endswith(".weight_scale"):
+                    continue
+                name = key.removesuffix(".weight_scale")
+                scale = fh.get_tensor(key).float()
+                if sym:
+                    zero = torch.full_like(scale, mid)
+                else:
+                    packed = fh.get_tensor(f"{name}.weight_zero_point")
+                    zero = unpack_from_int32(packed, bits, scale.shape, packed_dim=0).float() + mid
+                grids[name] = {"scale": scale, "zero": zero}
+    if not grids:
+        raise Int4Error(f"{folder} holds no packed Linear")
+    return grids, f"rtn:w{bits}" + (f"g{group}" if group else "") + ("-sym" if sym else "")
+
+
 def load_int4_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE):
     """(model, tokenizer, stats): the compressed checkpoint `folder` with its quantized Linears as Int4Linear,

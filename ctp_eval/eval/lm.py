@@ -156,21 +156,27 @@ class CTPLM(HFLM):
 
     def _to_int4(self, path: str) -> dict:
         """Swap the quantized Linears for Int4Linear (`ctp_eval.compress.int4cpu`): 4-bit codes kept packed,
-        torch's CPU int4 matmul in bf16. Needs our compressed checkpoint's exact grids (`ctp_qparams.safetensors`)."""
-        from ctp_eval.compress.int4cpu import Int4Error, convert_model, kernel_available
+        torch's CPU int4 matmul in bf16. The grids come from our compressed folder (`ctp_qparams.safetensors`) or
+        from a compressed-tensors pack-quantized folder (`ctp-compress --export`, llm-compressor's W4A16); each
+        weight is re-encoded on its grid and checked exact."""
+        from ctp_eval.compress.int4cpu import Int4Error, compressed_tensors_grids, convert_model, kernel_available
         from ctp_eval.compress.io import QPARAMS_FILE
 
-        grids = os.path.join(path, QPARAMS_FILE)
-        if self.compression == "none" or external.is_external_label(self.compression) or not os.path.isfile(grids):
-            raise ValueError(f"weights=int4 runs our compressed checkpoints (compression=SPEC or a ctp-compress "
-                             f"folder, which keep {QPARAMS_FILE}); {path} has none")
         if self.device.type != "cpu" or not kernel_available():
             raise ValueError(f"weights=int4 is torch's CPU int4 kernel; it does not run on {self.device} here "
                              "(on GPUs, serve the export with vLLM: docs/inference.md)")
+        ours = os.path.join(path, QPARAMS_FILE)
         try:
-            stats = convert_model(self.model, grids, self.compression)
+            if self.compression != "none" and os.path.isfile(ours):
+                grids, spec = ours, self.compression
+            elif os.path.isfile(os.path.join(path, "config.json")):
+                grids, spec = compressed_tensors_grids(path)
+            else:
+                raise Int4Error(f"{path} is not a local folder")
+            stats = convert_model(self.model, grids, spec)
         except Int4Error as err:
-            raise ValueError(f"weights=int4: {err}") from err
+            raise ValueError(f"weights=int4 runs our compressed checkpoints (compression=SPEC, a ctp-compress folder "
+                             f"or its --export) and compressed-tensors W4A16 folders: {err}") from err
         logger.info("weights=int4: %d Linears packed (%.3fx their bf16 bytes), %d left dense%s", stats["n_int4"],
                     stats["linear_bytes"]["ratio_bf16"], len(stats["left_dense"]),
                     f" ({'; '.join(f'{k}: {v}' for k, v in list(stats['left_dense'].items())[:3])})"
