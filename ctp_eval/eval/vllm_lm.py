@@ -239,11 +239,11 @@ def mixed_prompt(prefix: torch.Tensor, ids: list[int], absorb_id: int | None = N
 
     The token positions' rows of prompt_embeds are zeros: vLLM embeds positions marked as token ids itself."""
     absorbed = int(absorb_id is not None and len(ids) > 0 and ids[0] == absorb_id)
-    text = list(lead) + list(ids[absorbed:])
-    p, n_lead = prefix.shape[0], len(lead)
-    embeds = torch.cat([prefix.new_zeros(n_lead, prefix.shape[1]), prefix, prefix.new_zeros(len(text) - n_lead, prefix.shape[1])])
-    prompt = {"prompt_embeds": embeds, "prompt_token_ids": text[:n_lead] + [PLACEHOLDER_ID] * p + text[n_lead:],
-              "prompt_is_token_ids": [True] * n_lead + [False] * p + [True] * (len(text) - n_lead)}
+    lead, text = list(lead), list(ids[absorbed:])
+    p, d = prefix.shape
+    embeds = torch.cat([prefix.new_zeros(len(lead), d), prefix, prefix.new_zeros(len(text), d)])
+    prompt = {"prompt_embeds": embeds, "prompt_token_ids": lead + [PLACEHOLDER_ID] * p + text,
+              "prompt_is_token_ids": [True] * len(lead) + [False] * p + [True] * len(text)}
     return prompt, absorbed
 
 
