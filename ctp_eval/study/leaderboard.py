@@ -366,7 +366,8 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     if not runs:
         raise ValueError("no ctp results to tabulate")
     files = [f for r in runs for f in r.files]
-    models = sorted({r.model for r in runs})
+    models = sorted({r.model for r in runs if not is_external_label(r.compression)})
+    checkpoints = sorted({r.model for r in runs if is_external_label(r.compression)})
     hardware = sorted({f["hardware"] for f in files})
     versions = sorted({f["versions"] for f in files})
     days = sorted({_utc_day(f["date"]) for f in files})
@@ -378,7 +379,8 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     if any(h.startswith("gap recovered") for h in headers):
         out.append("Gap recovered = (PPL_compressed − PPL_with_recovery) / (PPL_compressed − PPL_dense), per dataset.")
     out += ["", "## About these numbers", ""]
-    out.append(f"- Model: {', '.join(models)}")
+    out.append(f"- Model: {', '.join(models)}" + (f"; other tools' checkpoints of it: {', '.join(checkpoints)}"
+                                                  if checkpoints else ""))
     out.append(f"- Hardware: {'; '.join(hardware)}")
     out.append(f"- Software: {'; '.join(versions)}")
     out.append(f"- Evaluated: {days[0]}" + (f" to {days[-1]}" if len(days) > 1 else "") + " (UTC)")

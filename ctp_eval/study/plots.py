@@ -62,7 +62,7 @@ def ppl_vs_compression(runs: list[Run], stem: Path) -> list[tuple[str, Path]]:
             if family == "quantization":
                 ax.invert_xaxis()  # left to right = more compression
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{sorted({r.model for r in runs})[0]}: PPL vs {family}")
+        fig.suptitle(f"{sorted({r.model for r in fam})[0]}: PPL vs {family}")  # our specs' model, not a checkpoint's
         fig.tight_layout()
         path = Path(f"{stem}-ppl-vs-{family}.png")
         fig.savefig(path, dpi=100, metadata={"Software": None})
