@@ -114,7 +114,7 @@ class CTPLM(HFLM):
             self.compression, self.checkpoint_quantization = quant.label, quant.details
         if self.backend != "causal":
             raise ValueError("ctp supports decoder-only (causal) models only")
-        self.weights, self.int4_stats = weights, None
+        self.int4_stats = None  # what weights=int4 packed (recorded in the results)
         if weights == "int4":  # before anything is computed from the model: the prompt's cache runs on int4 too
             self.int4_stats = self._to_int4(path)
 
