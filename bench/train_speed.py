@@ -3,6 +3,10 @@
     python bench/train_speed.py --repeats 3                                   # SmolLM2-135M, 4 x 256, k=100, fp32+bf16
     python bench/train_speed.py --dtypes float32 --variants ctp,peft --repeats 5
     python bench/train_speed.py --model HF_ID --dtypes bfloat16 --device cuda # GPU
+    python bench/train_speed.py --variants ctp,lora --dtypes float32 --json RESULTS/train-cost/train_cost.json
+
+--json writes the medians (`ctp_eval.study.costs`) where `ctp-leaderboard` finds them: its "Soft prompt vs LoRA"
+table takes the cost per training step from there.
 
 Variants, each run in its own subprocess (neither sees the other's allocations), the runs alternated
 (ctp, ctp-prepend, ..., peft, ctp, ...) --repeats times per dtype, so slow drift of a shared machine hits all alike:
@@ -39,6 +43,8 @@ from benchutil import (  # bench/benchutil.py: run as python bench/<script>.py
     load,
     machine,
 )
+
+from ctp_eval.study.costs import StepCost
 
 VARIANTS = ("ctp", "ctp-prepend", "ctp-shared", "ctp-full", "peft", "lora")
 
@@ -188,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--interleave", action="store_true",
                    help="also time all variants in one process, steps alternated (median tok/s)")
+    p.add_argument("--json", default=None, help="also write the medians to this train_cost*.json "
+                   "(under a leaderboard's results folder: its cost columns)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set in the worker subprocesses
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # set in the worker subprocesses
     args = p.parse_args(argv)
@@ -207,6 +215,7 @@ def main(argv=None) -> None:
     print(f"machine: {machine(args.device)}")
     print("command: python bench/train_speed.py " + " ".join(base))
     runs: dict[tuple[str, str], list[dict]] = {}
+    started, first_load, medians = time.time(), load(), []
     for dtype in dtypes:
         load_before = load()
         for _ in range(args.repeats):
@@ -224,6 +233,8 @@ def main(argv=None) -> None:
             rs = runs[(dtype, variant)]
             med[variant] = {key: statistics.median(r[key] for r in rs) for key in ("tok_s", "s_per_step", "peak_mib")}
             m = med[variant]
+            medians.append(StepCost(variant, dtype, rs[0]["trainable"], m["tok_s"], m["s_per_step"], m["peak_mib"],
+                                    [r["s_per_step"] for r in rs], [r["peak_mib"] for r in rs]))
             print(f"{variant:12s} {rs[0]['trainable']:10,d} {m['tok_s']:8.1f} {m['s_per_step']:7.2f} {m['peak_mib']:9.0f}  "
                   + " ".join(f"{r['tok_s']:.1f}" for r in rs) + " | " + " ".join(f"{r['peak_mib']:.0f}" for r in rs))
         print(f"memory: {rs[0]['memory']}")
@@ -246,6 +257,15 @@ def main(argv=None) -> None:
                   + ", ".join(f"{v} {t:.1f} tok/s" for v, t in speed.items()))
             if "ctp" in speed and "peft" in speed:
                 print(f"ratio [{dtype}] interleaved ctp / peft: speed x{speed['ctp'] / speed['peft']:.2f}")
+    if args.json:
+        from ctp_eval.study.costs import TrainCost, save_cost
+
+        cost = TrainCost(command="python bench/train_speed.py " + " ".join(base), machine=machine(args.device),
+                         date=started, model=args.model or "SmolLM2-135M (embedded)", batch_size=args.batch_size,
+                         seqlen=args.seqlen, k=args.k, steps=args.steps, repeats=args.repeats,
+                         memory=runs[(dtypes[0], variants[0])][0]["memory"], load_before=first_load, load_after=load(),
+                         rows=medians)
+        print(f"wrote {save_cost(args.json, cost)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_result(d: Path, name: str, *, compression="none", prompt=None, trained_on=None, k=0, data="c4-train1000[:800]",
                  hard=None, ppl=None, mc=None, limit=None, date=1_790_000_000.0, recipe=None, recipe_args=None,
-                 build=None, model="tiny", checkpoint=None):
+                 build=None, model="tiny", checkpoint=None, peft=None, trainable=None):
     results, configs = {}, {}
     for task, v in (ppl or {}).items():
         results[task] = {"alias": task, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A"}
@@ -32,14 +32,15 @@ def write_result(d: Path, name: str, *, compression="none", prompt=None, trained
     cfg = {
         "model": "ctp", "model_args": f"compression={compression}", "limit": limit,
         "ctp_base_model": model, "ctp_compression": compression, "ctp_prompt": prompt, "ctp_hard_prompt": hard,
-        "ctp_peft": None, "ctp_prompt_k": k, "ctp_trainable_params": k * 64 if prompt else 0,
+        "ctp_peft": peft, "ctp_prompt_k": k,
+        "ctp_trainable_params": trainable if trainable is not None else k * 64 if prompt else 0,
         "ctp_hardware": "test cpu", "ctp_eval_version": "0.1.0",
     }
     if build:
         cfg["ctp_compression_build"] = build
     if checkpoint:
         cfg["ctp_checkpoint_quantization"] = checkpoint
-    if prompt:
+    if prompt or peft:
         cfg.update(ctp_prompt_trained_on=trained_on or compression, ctp_prompt_train_data=data, ctp_prompt_steps=10)
         if recipe:
             cfg.update(ctp_prompt_recipe=recipe, ctp_prompt_recipe_args=recipe_args or {})
@@ -327,3 +328,55 @@ def test_direct_vs_transferred_table(results_dir):
     assert headers[-3:] == ["no prompt", "direct prompt", "transferred C4 prompt"]
     # gptq:w3g128 on WikiText-2: no prompt 30, the wikitext2-trained prompt 20, the C4-trained one 25
     assert rows == [["gptq:w3g128", "WikiText-2", "paper", "`wikitext2-validation`", "30.00", "20.00", "25.00"]]
+
+
+def test_prompt_vs_lora_table_prices_each_method_from_the_bench(tmp_path):
+    from ctp_eval.study.costs import StepCost, TrainCost, save_cost
+    from ctp_eval.study.leaderboard import prompt_vs_lora_table, render_markdown
+
+    d = tmp_path / "results"
+    args = {"steps": 400, "dtype": "float32"}
+    write_result(d, "dense", ppl={"ctp_c4": 20.0}, mc={"ctp_piqa": (0.6, 0.01)})
+    write_result(d, "w3", compression="gptq:w3g128", ppl={"ctp_c4": 40.0}, mc={"ctp_piqa": (0.5, 0.01)})
+    write_result(d, "w3-prompt", compression="gptq:w3g128", prompt="p.safetensors", k=100, recipe="r", recipe_args=args,
+                 ppl={"ctp_c4": 30.0}, mc={"ctp_piqa": (0.55, 0.01)})
+    write_result(d, "w3-lora", compression="gptq:w3g128", peft="a", recipe="lora-paper", recipe_args=args,
+                 trainable=9_000, ppl={"ctp_c4": 35.0})
+    write_result(d, "w3-lora-hi", compression="gptq:w3g128", peft="b", recipe="lora-lr1e-3", recipe_args=args,
+                 trainable=9_000, ppl={"ctp_c4": 25.0})
+    write_result(d, "s50", compression="sparsegpt:0.5", ppl={"ctp_c4": 50.0})  # no LoRA row: not in the table
+    write_result(d, "s50-prompt", compression="sparsegpt:0.5", prompt="q.safetensors", k=100, ppl={"ctp_c4": 45.0})
+    cost = TrainCost(command="python bench/train_speed.py --json x", machine="test cpu", date=1_790_000_000.0,
+                     model="tiny", batch_size=4, seqlen=256, k=100, steps=5, repeats=3, memory="peak RSS",
+                     load_before="0.1", load_after="0.2",
+                     rows=[StepCost("ctp", "bfloat16", 6_400, 1.0, 9.0, 900.0), StepCost("ctp", "float32", 6_400, 1.0, 6.0, 500.0),
+                           StepCost("lora", "float32", 9_000, 1.0, 3.0, 700.0)])
+    save_cost(d / "train-cost" / "train_cost.json", cost)
+    out = write_leaderboard([d], tmp_path / "page.md", plots=False)
+    runs = load_runs([d])
+    from ctp_eval.study.costs import load_costs
+
+    headers, rows = prompt_vs_lora_table(runs, load_costs([d]))
+    assert headers[-3:] == ["s / step", "peak MiB / step", "train min (steps x s/step)"]
+    cells = {row[0]: row for row in rows}
+    assert list(cells) == ["gptq:w3g128, no prompt", "gptq:w3g128, learned prompt (k=100, c4, recipe r)",
+                           "gptq:w3g128, LoRA (c4, recipe lora-lr1e-3)", "gptq:w3g128, LoRA (c4, recipe lora-paper)"]
+    prompt, lora_hi, lora = (cells[x] for x in list(cells)[1:])
+    assert prompt[1] == "6,400" and lora[1] == "9,000"
+    assert prompt[-4:] == ["50", "6.00", "500", "40"]  # (40 - 30) / (40 - 20); float32 row; 400 x 6 s = 40 min
+    assert lora[-4:] == ["25", "3.00", "700", "20"]
+    assert lora_hi[-4] == "75"
+    assert cells["gptq:w3g128, no prompt"][-4:] == ["", "", "", ""]
+    page = out.read_text()
+    section = page.split("## Soft prompt vs LoRA")[1].split("\n## ")[0]
+    assert "python bench/train_speed.py --json x" in section and "train-cost/train_cost.json" in section
+    assert "sparsegpt:0.5" not in section
+    assert "## Soft prompt vs LoRA" not in render_markdown([r for r in runs if r.kind != "lora"], "t")
+
+
+def test_train_cost_files_must_say_their_format(tmp_path):
+    from ctp_eval.study.costs import load_costs
+
+    (tmp_path / "train_cost.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="bench/train_speed.py --json"):
+        load_costs([tmp_path])
