@@ -380,3 +380,22 @@ def test_train_cost_files_must_say_their_format(tmp_path):
     (tmp_path / "train_cost.json").write_text('{"rows": []}')
     with pytest.raises(ValueError, match="bench/train_speed.py --json"):
         load_costs([tmp_path])
+
+
+def test_other_tools_checkpoints_sit_beside_our_rows_of_their_bit_width(tmp_path):
+    from ctp_eval.study.leaderboard import external_table
+
+    d = tmp_path / "results"
+    write_result(d, "dense", ppl={"ctp_c4": 20.0})
+    for spec, slug in (("gptq:w4", "w4"), ("gptq:w3g128", "w3"), ("gptq:w2g64", "w2")):
+        write_result(d, slug, compression=spec, ppl={"ctp_c4": 40.0})
+        write_result(d, f"{slug}-r", compression=spec, prompt="p.safetensors", k=100, recipe="r", ppl={"ctp_c4": 30.0})
+    ct3 = {"library": "compressed-tensors", "library_version": "1.0", "in_memory": "dequantized", "bits": 3}
+    write_result(d, "ct3", compression="compressed-tensors/w3a16g128-sym", model="m-ct3", ppl={"ctp_c4": 45.0}, checkpoint=ct3)
+    write_result(d, "ct3-r", compression="compressed-tensors/w3a16g128-sym", model="m-ct3", prompt="c.safetensors", k=100,
+                 recipe="r", ppl={"ctp_c4": 35.0}, checkpoint=ct3)
+    _, rows = external_table(load_runs([d]))
+    assert [row[0] for row in rows] == [
+        "gptq:w3g128, no prompt", "gptq:w3g128, learned prompt (k=100, c4, recipe r)",
+        "compressed-tensors/w3a16g128-sym, no prompt", "compressed-tensors/w3a16g128-sym, learned prompt (k=100, c4, recipe r)"]
+    assert rows[-1][-1] == "40"  # (45 - 35) / (45 - 20)

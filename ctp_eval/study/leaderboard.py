@@ -141,7 +141,8 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
     """Checkpoints other tools quantized (rows labelled METHOD/SCHEME), without and with a prompt learned on each,
-    beside our own 4-bit GPTQ rows of the same recipe; each row's gap is against its own no-prompt row."""
+    beside our own quantization-only rows of the same recipe and bit widths; each row's gap is against its own
+    no-prompt row."""
     from ctp_eval.compress.spec import parse_spec
 
     k, ppl = main_k(runs), _ppl_tasks(runs)
@@ -152,13 +153,14 @@ def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
     if not external:
         return None
     recipes = {r.recipe for r in external if r.kind == "learned"}
+    widths = {r.checkpoint.get("bits") or 4 for r in external}  # a record without bits: compare with 4-bit rows
 
-    def ours_4bit(spec: str) -> bool:
+    def ours_same_bits(spec: str) -> bool:
         parsed = parse_spec(spec)
-        return bool(parsed.quant) and not parsed.sparse and parsed.quant.bits == 4
+        return bool(parsed.quant) and not parsed.sparse and parsed.quant.bits in widths
 
     own_builds = {(r.compression, r.build) for r in mains if r.kind == "learned" and r.recipe in recipes
-                  and not is_external_label(r.compression) and ours_4bit(r.compression)}
+                  and not is_external_label(r.compression) and ours_same_bits(r.compression)}
     rows_runs = [r for r in mains if (r.compression, r.build) in own_builds
                  and (r.kind != "learned" or r.recipe in recipes)] + external
     rows_runs.sort(key=lambda r: (is_external_label(r.compression), spec_sort_key(r.compression), r.build,
@@ -439,7 +441,7 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
         out += ["", "## Prompts on other tools' compressions", "",
                 "Checkpoints quantized by other tools (rows labelled by their own `quantization_config`, "
                 "docs/external-checkpoints.md), each without a prompt and with a prompt learned on it by the recipe "
-                "named in the row, beside our own 4-bit GPTQ rows of that recipe. Each gap is recovered against the "
+                "named in the row, beside our own GPTQ rows of that recipe at the same bit widths. Each gap is recovered against the "
                 "row's own no-prompt perplexity and the dense model's.", "", _table(*external), ""]
     lora = prompt_vs_lora_table(runs, list(costs))
     if lora:

@@ -6,6 +6,7 @@ tool. Calibration (where the tool takes any) is our own GPTQ calibration: 16 C4-
   python studies/smollm2-135m/external_checkpoints.py bnb-nf4 OUT          # bitsandbytes, this venv
   LLMC_PY=/path/to/llmc-venv/bin/python \
   python studies/smollm2-135m/external_checkpoints.py llmc-w4a16 OUT       # llm-compressor GPTQ, per channel
+  (llmc-w4a16g64: groups of 64; llmc-w3a16g128: 3 bits in groups of 128, the grid of our gptq:w3g128)
 
 llm-compressor pins its own transformers, so it runs in its own venv (`pip install torch==2.13.0 llmcompressor`,
 then `pip install --no-deps -e .` of this project); the command re-runs itself there when LLMC_PY is set.
@@ -36,7 +37,7 @@ def bnb_nf4(out: Path) -> None:
     AutoTokenizer.from_pretrained(dense_dir()).save_pretrained(out)
 
 
-def llmc_w4a16(out: Path, group_size: int | None = None) -> None:
+def llmc_gptq(out: Path, bits: int, group_size: int | None = None) -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -49,7 +50,7 @@ def llmc_w4a16(out: Path, group_size: int | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(dense_dir(), dtype=torch.float32)
     ids = calibration_ids(tokenizer, CalibConfig(nsamples=CALIB_NSAMPLES, seqlen=CALIB_SEQLEN))
     calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    weights = {"num_bits": 4, "type": "int", "symmetric": True,
+    weights = {"num_bits": bits, "type": "int", "symmetric": True,
                "strategy": "group" if group_size else "channel", "group_size": group_size}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                           ignore=["lm_head"])
@@ -59,7 +60,8 @@ def llmc_w4a16(out: Path, group_size: int | None = None) -> None:
     tokenizer.save_pretrained(out)
 
 
-MAKERS = {"bnb-nf4": bnb_nf4, "llmc-w4a16": llmc_w4a16, "llmc-w4a16g64": lambda out: llmc_w4a16(out, 64)}
+MAKERS = {"bnb-nf4": bnb_nf4, "llmc-w4a16": lambda out: llmc_gptq(out, 4), "llmc-w4a16g64": lambda out: llmc_gptq(out, 4, 64),
+          "llmc-w3a16g128": lambda out: llmc_gptq(out, 3, 128)}
 
 
 def main() -> None:
