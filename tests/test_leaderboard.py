@@ -177,6 +177,8 @@ def test_recipes_get_their_own_rows_and_study_table(results_dir, tmp_path):
     write_result(results_dir, "w3-study-top", compression="gptq:w3g128", prompt="t.safetensors", k=100,
                  recipe="study-kd-top64-lr3e-2-s256", recipe_args=dict(args, lr=0.03, teacher_topk=64),
                  ppl={"ctp_c4": 30.0, "ctp_wikitext2": 20.0})
+    write_result(results_dir, "w3-study-lora", compression="gptq:w3g128", peft="a", recipe="study-lora-lr1e-3-s256",
+                 recipe_args=dict(args, loss="ce", lr=0.001), trainable=9_000, ppl={"ctp_c4": 36.0, "ctp_wikitext2": 26.0})
     runs = load_runs([results_dir])
     labels = [r[0] for r in main_table(runs)[1]]
     assert "gptq:w3g128, learned prompt (k=100, c4)" in labels  # the paper-recipe row stays
@@ -187,10 +189,13 @@ def test_recipes_get_their_own_rows_and_study_table(results_dir, tmp_path):
     text = write_leaderboard([results_dir], tmp_path / "lb.md", title="T", plots=False).read_text()
     study = text.split("## Recipe study")[1].split("\n## ")[0]
     row = [c.strip() for c in next(line for line in study.splitlines() if "1 x 1024" in line).split("|")[1:-1]]
-    assert row[:7] == ["gptq:w3g128", "ce", "0.03", "linear", "1 x 1024", "49,152", "1024"]
+    assert row[:8] == ["gptq:w3g128", "prompt (k=100)", "ce", "0.03", "linear", "1 x 1024", "49,152", "1024"]
     assert row[-1] == "60 / 40"  # (40-28)/20, (30-22)/20
     top = [c.strip() for c in next(line for line in study.splitlines() if "top-64" in line).split("|")[1:-1]]
-    assert top[1:3] == ["kd (top-64 cached)", "0.03"] and top[-1] == "50 / 50"  # (40-30)/20, (30-20)/20
+    assert top[2:4] == ["kd (top-64 cached)", "0.03"] and top[-1] == "50 / 50"  # (40-30)/20, (30-20)/20
+    lora = [c.strip() for c in next(line for line in study.splitlines() if "| LoRA" in line).split("|")[1:-1]]
+    assert lora[1:4] == ["LoRA", "ce", "0.001"] and lora[-1] == "20 / 20"  # (40-36)/20, (30-26)/20
+    assert "## Soft prompt vs LoRA" not in text  # a sweep cell is not a LoRA row
     assert not any("cached" in line for line in study.splitlines() if "1 x 1024" in line)
     assert "kd.safetensors" not in study
 

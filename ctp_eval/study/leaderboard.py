@@ -114,7 +114,7 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             continue  # other tools' checkpoints: their own table (external_table)
         if r.kind == "learned" and (r.trained_on != r.compression or r.train_data != "c4" or r.k != k or r.in_study):
             continue  # transfer / other data / other k / study cells: tables 2-5
-        if r.kind == "lora" and r.trained_on != r.compression:
+        if r.kind == "lora" and (r.trained_on != r.compression or r.in_study):
             continue
         by_spec.setdefault((r.compression, r.build), []).append(r)
     headers = ["configuration"] + [_ppl_header(t, runs) for t in ppl] + [f"{MC_TASKS[t]} acc_norm %" for t in mc]
@@ -190,8 +190,8 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
     recovered, and the cost of a training step from the latest bench run (`costs`) at the recipe's dtype."""
     k, ppl, mc = main_k(runs), _ppl_tasks(runs), main_mc_limits(runs)
     dense = next((r for r in runs if r.kind == "dense"), None)
-    groups = sorted({(r.compression, r.build) for r in runs if r.kind == "lora" and r.trained_on == r.compression},
-                    key=lambda g: (spec_sort_key(g[0]), g[1]))
+    adapters = [r for r in runs if r.kind == "lora" and r.trained_on == r.compression and not r.in_study]
+    groups = sorted({(r.compression, r.build) for r in adapters}, key=lambda g: (spec_sort_key(g[0]), g[1]))
     if not groups:
         return None
     cost = costs[-1] if costs else None
@@ -206,7 +206,7 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
         base = next((r for r in same if r.kind == "none"), None)
         shown = ([base] if base else []) + [
             r for r in same if (r.kind == "learned" and r.trained_on == spec and r.train_data == "c4" and r.k == k
-                                and not r.in_study) or (r.kind == "lora" and r.trained_on == spec)]
+                                and not r.in_study) or r in adapters]
         for r in shown:
             gaps = ""
             if r.kind != "none" and base and dense:
@@ -332,19 +332,20 @@ def length_ablation_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] 
 
 
 def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
-    """The `study-*` recipes: one row per (spec, recipe) with its settings, test PPL and gap recovered."""
-    cells = [r for r in runs if r.kind == "learned" and r.in_study and r.trained_on == r.compression]
+    """The `study-*` recipes (prompts, and LoRA's learning-rate sweep): one row per (spec, method, recipe) with its
+    settings, test PPL and gap recovered."""
+    cells = [r for r in runs if r.kind in ("learned", "lora") and r.in_study and r.trained_on == r.compression]
     if not cells:
         return None
     ppl = _ppl_tasks(runs)
     dense = next((r for r in runs if r.kind == "dense"), None)
-    headers = (["compression", "loss", "lr", "schedule", "batch x window", "tokens", "val window"]
+    headers = (["compression", "method", "loss", "lr", "schedule", "batch x window", "tokens", "val window"]
                + [_ppl_header(t, runs) for t in ppl] + ["gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"])
     rows = []
 
     def order(r: Run):
         a = r.recipe_args
-        return (spec_sort_key(r.compression), a.get("seqlen", 0), a.get("loss", ""), a.get("lr") or 0)
+        return (spec_sort_key(r.compression), r.kind, a.get("seqlen", 0), a.get("loss", ""), a.get("lr") or 0)
 
     for r in sorted(cells, key=order):
         a = r.recipe_args
@@ -353,7 +354,8 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
                               dense.values.get(t) if dense else None) for t in ppl]
         tokens = a.get("steps", 0) * a.get("batch_size", 0) * a.get("seqlen", 0)
         loss = str(a.get("loss", "?")) + (f" (top-{a['teacher_topk']} cached)" if a.get("teacher_topk") else "")
-        rows.append([r.compression, loss, f"{a.get('lr', 0):g}", str(a.get("lr_schedule", "?")),
+        method = f"prompt (k={r.k})" if r.kind == "learned" else "LoRA"
+        rows.append([r.compression, method, loss, f"{a.get('lr', 0):g}", str(a.get("lr_schedule", "?")),
                      f"{a.get('batch_size', '?')} x {a.get('seqlen', '?')}", f"{tokens:,}", str(a.get("val_seqlen", "?"))]
                     + [fmt_ppl(r.values.get(t)) for t in ppl]
                     + [" / ".join("–" if g is None else f"{g:.0f}" for g in gaps)])
@@ -487,8 +489,8 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     study = recipe_study_table(runs)
     if study:
         out += ["", "## Recipe study", "",
-                "Learned prompts (k as in the main table, C4 train, best C4-validation checkpoint) by training recipe, "
-                "with each row's training budget in tokens.", "", _table(*study), ""]
+                "Learned prompts (C4 train, best C4-validation checkpoint) by training recipe, and LoRA adapters "
+                "by learning rate, with each row's training budget in tokens.", "", _table(*study), ""]
     case = case_study_table(runs)
     if case:
         out += ["", "## Generation case study", "",

@@ -6,21 +6,34 @@
 # NAME=lora-lr1e-3 for a sweep cell). Resumable: ctp-train resumes its checkpoint, finished evaluations are skipped.
 #   CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
 #   SPECS=gptq:w3g128 LR=1e-3 NAME=lora-lr1e-3 CTP_DATA_DIR=../shared/data bash studies/smollm2-135m/lora.sh
+# SWEEP="2e-4 1e-3 3e-3 1e-2" runs the learning-rate sweep instead, the way the prompt recipe was chosen
+# (studies/smollm2-135m/recipe_study.sh): 48 steps x 4 x 256 = 49,152 tokens per cell, validation every 16 steps,
+# recipes named study-lora-lr<LR>-s256 (the leaderboard's recipe-study table), on SPECS (default gptq:w3g128: the
+# paper's LoRA tables are on 3-bit models).
 # MC=1 also scores the multiple-choice subsets the prompt rows use (OBQA and PIQA whole, HellaSwag's first 1,000;
 # fp32, batch 4), once the adapter exists.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${CTP_DATA_DIR:?set CTP_DATA_DIR to the data folder}"
+if [[ -n "${SWEEP:-}" ]]; then
+  for lr in $SWEEP; do
+    SPECS=${SPECS:-gptq:w3g128} STEPS=48 EVAL_EVERY=16 LR=$lr NAME=study-lora-lr$lr-s256 MC=0 SWEEP= bash studies/smollm2-135m/lora.sh
+  done
+  exit 0
+fi
 SPECS=${SPECS:-gptq:w3g128,sparsegpt:0.5,sparsegpt:0.5+gptq:w4}
 LR=${LR:-2e-4}
 NAME=${NAME:-lora-paper}
+STEPS=${STEPS:-400}
+EVAL_EVERY=${EVAL_EVERY:-40}
 CALIB="calib_nsamples=16,calib_seqlen=512"
 for spec in ${SPECS//,/ }; do
   slug=$(python -c "from ctp_eval.files import slug; print(slug('$spec'))")
   out=studies/smollm2-135m/train/$slug-$NAME
-  ctp-train --method lora --compression "$spec" --calib-nsamples 16 --calib-seqlen 512 --steps 400 --batch-size 4 \
-            --seqlen 256 --lr "$LR" --warmup-steps 40 --val-windows 8 --val-seqlen 1024 --eval-every 40 \
-            --save-every 40 --recipe-name "$NAME" --out "$out" --resume --no-progress
+  # warm-up: ctp-train's default, steps / 10, as the prompts'
+  ctp-train --method lora --compression "$spec" --calib-nsamples 16 --calib-seqlen 512 --steps "$STEPS" \
+            --batch-size 4 --seqlen 256 --lr "$LR" --val-windows 8 --val-seqlen 1024 --eval-every "$EVAL_EVERY" \
+            --save-every "$EVAL_EVERY" --recipe-name "$NAME" --out "$out" --resume --no-progress
   args="compression=$spec,$CALIB,peft=$out/adapter,dtype=float32,max_length=1124"
   results=leaderboards/smollm2-135m/results/$slug-$NAME-ppl
   if compgen -G "$results/*/results_*.json" > /dev/null; then echo "skip $results: done"; else
