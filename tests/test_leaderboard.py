@@ -347,6 +347,8 @@ def test_prompt_vs_lora_table_prices_each_method_from_the_bench(tmp_path):
                  ppl={"ctp_c4": 30.0}, mc={"ctp_piqa": (0.55, 0.01)})
     write_result(d, "w3-lora", compression="gptq:w3g128", peft="a", recipe="lora-paper", recipe_args=args,
                  trainable=9_000, ppl={"ctp_c4": 35.0})
+    write_result(d, "w3-lora-mc", compression="gptq:w3g128", peft="a", recipe="lora-paper", recipe_args=args,
+                 trainable=9_000, mc={"ctp_hellaswag": (0.4, 0.01)}, limit=1000)  # a subset no other row has
     write_result(d, "w3-lora-hi", compression="gptq:w3g128", peft="b", recipe="lora-lr1e-3", recipe_args=args,
                  trainable=9_000, ppl={"ctp_c4": 25.0})
     write_result(d, "s50", compression="sparsegpt:0.5", ppl={"ctp_c4": 50.0})  # no LoRA row: not in the table
@@ -363,6 +365,8 @@ def test_prompt_vs_lora_table_prices_each_method_from_the_bench(tmp_path):
 
     headers, rows = prompt_vs_lora_table(runs, load_costs([d]))
     assert headers[-3:] == ["s / step", "peak MiB / step", "train min (steps x s/step)"]
+    piqa = headers.index("PIQA (all) acc_norm %")
+    hellaswag = headers.index("HellaSwag (--limit 1000) acc_norm %")
     cells = {row[0]: row for row in rows}
     assert list(cells) == ["gptq:w3g128, no prompt", "gptq:w3g128, learned prompt (k=100, c4, recipe r)",
                            "gptq:w3g128, LoRA (c4, recipe lora-lr1e-3)", "gptq:w3g128, LoRA (c4, recipe lora-paper)"]
@@ -371,6 +375,7 @@ def test_prompt_vs_lora_table_prices_each_method_from_the_bench(tmp_path):
     assert prompt[-4:] == ["50", "6.00", "500", "40"]  # (40 - 30) / (40 - 20); float32 row; 400 x 6 s = 40 min
     assert lora[-4:] == ["25", "3.00", "700", "20"]
     assert lora_hi[-4] == "75"
+    assert (prompt[piqa], prompt[hellaswag], lora[piqa], lora[hellaswag]) == ("55.0 ± 1.0", "–", "–", "40.0 ± 1.0")
     assert cells["gptq:w3g128, no prompt"][-4:] == ["", "", "", ""]
     page = out.read_text()
     section = page.split("## Soft prompt vs LoRA")[1].split("\n## ")[0]

@@ -186,9 +186,10 @@ def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
 
 def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[str], list[list[str]]] | None:
     """Per compression with a LoRA row: no prompt, the learned prompts (C4, trained on that compression, the main
-    k, one row per recipe) and the LoRA adapters, with trainable parameters, the main table's scores, the gap
-    recovered, and the cost of a training step from the latest bench run (`costs`) at the recipe's dtype."""
-    k, ppl, mc = main_k(runs), _ppl_tasks(runs), main_mc_limits(runs)
+    k, one row per recipe) and the LoRA adapters, with trainable parameters, perplexities, multiple choice on the
+    subsets these rows were scored on, the gap recovered, and the cost of a training step from the latest bench
+    run (`costs`) at the recipe's dtype."""
+    k, ppl = main_k(runs), _ppl_tasks(runs)
     dense = next((r for r in runs if r.kind == "dense"), None)
     adapters = [r for r in runs if r.kind == "lora" and r.trained_on == r.compression and not r.in_study]
     groups = sorted({(r.compression, r.build) for r in adapters}, key=lambda g: (spec_sort_key(g[0]), g[1]))
@@ -196,17 +197,23 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
         return None
     cost = costs[-1] if costs else None
     several = multi_build_specs(runs)
+    shown_by_group = {}
+    for spec, build in groups:
+        same = [r for r in runs if (r.compression, r.build) == (spec, build)]
+        base = next((r for r in same if r.kind == "none"), None)
+        shown_by_group[(spec, build)] = base, ([base] if base else []) + [
+            r for r in same if (r.kind == "learned" and r.trained_on == spec and r.train_data == "c4" and r.k == k
+                                and not r.in_study) or r in adapters]
+    # multiple choice: the subsets these rows were scored on (not necessarily the main table's)
+    mc = sorted({c for _, shown in shown_by_group.values() for r in shown for c in r.mc},
+                key=lambda c: (list(MC_TASKS).index(c[0]), _limit_order(c[1])))
     headers = (["configuration", "trainable params"] + [_ppl_header(t, runs) for t in ppl]
-               + [f"{MC_TASKS[t]} acc_norm %" for t in mc]
+               + [f"{_subset_label(t, lim, runs)} acc_norm %" for t, lim in mc]
                + ["gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")", "s / step", "peak MiB / step",
                   "train min (steps x s/step)"])
     rows = []
     for spec, build in groups:
-        same = [r for r in runs if (r.compression, r.build) == (spec, build)]
-        base = next((r for r in same if r.kind == "none"), None)
-        shown = ([base] if base else []) + [
-            r for r in same if (r.kind == "learned" and r.trained_on == spec and r.train_data == "c4" and r.k == k
-                                and not r.in_study) or r in adapters]
+        base, shown = shown_by_group[(spec, build)]
         for r in shown:
             gaps = ""
             if r.kind != "none" and base and dense:
@@ -215,7 +222,7 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
             step = cost.step(r.kind, r.recipe_args.get("dtype") or "float32") if cost and r.kind != "none" else None
             steps = r.recipe_args.get("steps")
             rows.append([label(r, spec in several), f"{r.trainable_params:,}"] + [fmt_ppl(r.values.get(t)) for t in ppl]
-                        + [fmt_acc(r.mc.get((t, lim))) for t, lim in mc.items()] + [gaps]
+                        + [fmt_acc(r.mc.get(c)) for c in mc] + [gaps]
                         + ([f"{step.s_per_step:.2f}", f"{step.peak_mib:.0f}",
                             f"{steps * step.s_per_step / 60:.0f}" if steps else "–"] if step else ["", "", ""]))
     return headers, rows
@@ -451,7 +458,7 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
                 "LoRA adapters (`ctp-train --method lora`; the paper's settings are r=32, alpha=32, dropout 0.1 on the "
                 "q/v projections, Adam lr 2e-4: recipe `lora-paper`) trained on the same C4 windows and token budget "
                 "as the prompts beside them, and scored through `ctp` (HFLM's `peft=`) by the same protocol. Gap "
-                "recovered against the row's own no-prompt perplexity."]
+                "recovered against the row's own no-prompt perplexity.", ""]
         if costs:
             c = costs[-1]
             out.append(f"Cost of one training step ({c.batch_size} x {c.seqlen} tokens, prompt k={c.k}): median of "
