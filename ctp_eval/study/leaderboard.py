@@ -197,23 +197,22 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
         return None
     cost = costs[-1] if costs else None
     several = multi_build_specs(runs)
-    shown_by_group = {}
+    blocks = []  # per (spec, build): its no-prompt row, and the rows shown under it
     for spec, build in groups:
-        same = [r for r in runs if (r.compression, r.build) == (spec, build)]
+        same = [r for r in runs if (r.compression, r.build) == (spec, build)
+                and (r.kind == "none" or (r.trained_on == spec and not r.in_study))]
         base = next((r for r in same if r.kind == "none"), None)
-        shown_by_group[(spec, build)] = base, ([base] if base else []) + [
-            r for r in same if (r.kind == "learned" and r.trained_on == spec and r.train_data == "c4" and r.k == k
-                                and not r.in_study) or r in adapters]
+        blocks.append((spec, base, ([base] if base else []) + [
+            r for r in same if r.kind == "lora" or (r.kind == "learned" and r.train_data == "c4" and r.k == k)]))
     # multiple choice: the subsets these rows were scored on (not necessarily the main table's)
-    mc = sorted({c for _, shown in shown_by_group.values() for r in shown for c in r.mc},
+    mc = sorted({c for _, _, shown in blocks for r in shown for c in r.mc},
                 key=lambda c: (list(MC_TASKS).index(c[0]), _limit_order(c[1])))
     headers = (["configuration", "trainable params"] + [_ppl_header(t, runs) for t in ppl]
                + [f"{_subset_label(t, lim, runs)} acc_norm %" for t, lim in mc]
                + ["gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")", "s / step", "peak MiB / step",
                   "train min (steps x s/step)"])
     rows = []
-    for spec, build in groups:
-        base, shown = shown_by_group[(spec, build)]
+    for spec, base, shown in blocks:
         for r in shown:
             gaps = ""
             if r.kind != "none" and base and dense:
