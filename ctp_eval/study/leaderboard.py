@@ -54,6 +54,13 @@ def gap_recovered(compressed: float | None, prompted: float | None, dense: float
     return 100 * (compressed - prompted) / (compressed - dense)
 
 
+def gap_text(base: Run | None, run: Run, dense: Run | None, tasks: list[str]) -> str:
+    """The gap recovered per task, "57 / 57 / 58" ("–" where a value is missing), against `base`'s no-prompt PPL."""
+    value = lambda r, t: r.values.get(t) if r else None  # noqa: E731
+    return " / ".join("–" if (g := gap_recovered(value(base, t), run.values.get(t), value(dense, t))) is None
+                      else f"{g:.0f}" for t in tasks)
+
+
 # ----- tables ----------------------------------------------------------------------------------------------
 def _ppl_tasks(runs: list[Run]) -> list[str]:
     return [t for t in PPL_TASKS if any(t in r.values for r in runs)]
@@ -126,15 +133,11 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     ordered = ([dense] if dense else []) + [r for g in groups for r in by_spec[g]]
     for r in ordered:
         base = next((x for x in by_spec.get((r.compression, r.build), []) if x.kind == "none"), None)
-        gaps = []
-        if r.kind in ("hard", "learned", "lora") and base and dense:
-            for t in ppl:
-                g = gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t))
-                gaps.append("–" if g is None else f"{g:.0f}")
+        gaps = gap_text(base, r, dense, ppl) if r.kind in ("hard", "learned", "lora") and base and dense else ""
         row = ([label(r, r.compression in several)] + [fmt_ppl(r.values.get(t)) for t in ppl]
                + [fmt_acc(r.mc.get((t, lim))) for t, lim in mc.items()])
         if recovery:
-            row += [f"{r.trainable_params:,}", " / ".join(gaps) if gaps else ""]
+            row += [f"{r.trainable_params:,}", gaps]
         rows.append(row)
     return headers, rows
 
@@ -174,8 +177,7 @@ def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
                      == (r.model, r.compression, r.build)), None)
         gaps = ""
         if r.kind != "none" and base and dense:
-            gaps = " / ".join("–" if (g := gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t)))
-                              is None else f"{g:.0f}" for t in ppl)
+            gaps = gap_text(base, r, dense, ppl)
         info = r.checkpoint
         loader = f"{info.get('library', '?')} {info.get('library_version') or '?'}" if info else "ctp-compress"
         memory = info.get("in_memory", "?") if info else "dequantized (fake-quantized float)"
@@ -216,8 +218,7 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
         for r in shown:
             gaps = ""
             if r.kind != "none" and base and dense:
-                gaps = " / ".join("–" if (g := gap_recovered(base.values.get(t), r.values.get(t), dense.values.get(t)))
-                                  is None else f"{g:.0f}" for t in ppl)
+                gaps = gap_text(base, r, dense, ppl)
             step = cost.step(r.kind, r.recipe_args.get("dtype") or "float32") if cost and r.kind != "none" else None
             steps = r.recipe_args.get("steps")
             rows.append([label(r, spec in several), f"{r.trainable_params:,}"] + [fmt_ppl(r.values.get(t)) for t in ppl]
@@ -356,15 +357,13 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
     for r in sorted(cells, key=order):
         a = r.recipe_args
         base = next((x for x in runs if x.kind == "none" and x.compression == r.compression and x.build == r.build), None)
-        gaps = [gap_recovered(base.values.get(t) if base else None, r.values.get(t),
-                              dense.values.get(t) if dense else None) for t in ppl]
         tokens = a.get("steps", 0) * a.get("batch_size", 0) * a.get("seqlen", 0)
         loss = str(a.get("loss", "?")) + (f" (top-{a['teacher_topk']} cached)" if a.get("teacher_topk") else "")
         method = f"prompt (k={r.k})" if r.kind == "learned" else "LoRA"
         rows.append([r.compression, method, loss, f"{a.get('lr', 0):g}", str(a.get("lr_schedule", "?")),
                      f"{a.get('batch_size', '?')} x {a.get('seqlen', '?')}", f"{tokens:,}", str(a.get("val_seqlen", "?"))]
                     + [fmt_ppl(r.values.get(t)) for t in ppl]
-                    + [" / ".join("–" if g is None else f"{g:.0f}" for g in gaps)])
+                    + [gap_text(base, r, dense, ppl)])
     return headers, rows
 
 
