@@ -409,3 +409,27 @@ def test_other_tools_checkpoints_sit_beside_our_rows_of_their_bit_width(tmp_path
         "gptq:w3g128, no prompt", "gptq:w3g128, learned prompt (k=100, c4, recipe r)",
         "compressed-tensors/w3a16g128-sym, no prompt", "compressed-tensors/w3a16g128-sym, learned prompt (k=100, c4, recipe r)"]
     assert rows[-1][-1] == "40"  # (45 - 35) / (45 - 20)
+
+
+def test_training_data_tables_keep_each_build_under_its_own_baseline(tmp_path):
+    """A spec rebuilt on another machine: each prompt is read against the no-prompt row of the build it was scored
+    on, and both data tables say which build a row belongs to."""
+    from ctp_eval.study.leaderboard import dataset_transfer_table, direct_vs_transferred_table
+
+    d = tmp_path / "results"
+    write_result(d, "dense", ppl={"ctp_c4": 20.0, "ctp_ptb": 10.0})
+    for build, base in (("aaaa", 50.0), ("bbbb", 60.0)):
+        write_result(d, f"none-{build}", compression="sparsegpt:0.5", build=build, ppl={"ctp_c4": base, "ctp_ptb": base})
+        write_result(d, f"c4-{build}", compression="sparsegpt:0.5", build=build, prompt="c.safetensors", k=100,
+                     ppl={"ctp_c4": base - 10, "ctp_ptb": base - 5})
+    write_result(d, "ptb-bbbb", compression="sparsegpt:0.5", build="bbbb", prompt="p.safetensors", k=100,
+                 data="ptb-train", ppl={"ctp_c4": 57.0, "ctp_ptb": 40.0})
+    runs = load_runs([d])
+    _, rows = dataset_transfer_table(runs)
+    assert [r[:2] for r in rows] == [
+        ["sparsegpt:0.5 [build aaaa]", "(no prompt)"], ["sparsegpt:0.5 [build aaaa]", "`c4-train1000[:800]`"],
+        ["sparsegpt:0.5 [build bbbb]", "(no prompt)"], ["sparsegpt:0.5 [build bbbb]", "`c4-train1000[:800]`"],
+        ["sparsegpt:0.5 [build bbbb]", "`ptb-train`"]]
+    assert rows[2][2:] == ["60.00", "60.00"] and rows[4][2:] == ["57.00", "40.00"]
+    _, rows = direct_vs_transferred_table(runs)
+    assert rows == [["sparsegpt:0.5 [build bbbb]", "PTB", "paper", "`ptb-train`", "60.00", "40.00", "55.00"]]

@@ -30,6 +30,7 @@ from ctp_eval.study.runs import (  # noqa: F401
     load_runs,
     main_k,
     multi_build_specs,
+    spec_label,
     spec_sort_key,
 )
 
@@ -286,14 +287,16 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
         return None
     ppl = _ppl_tasks(runs)
     headers = ["compression", "prompt learned on"] + [_ppl_header(t, runs) for t in ppl]
+    several = multi_build_specs(runs)
     rows = []
     for spec in sorted(specs, key=spec_sort_key):
-        builds = {x.build for x in learned if x.compression == spec}  # the baseline of the prompts' own build
-        for r in [x for x in runs if x.kind == "none" and x.compression == spec and x.build in builds]:
-            rows.append([spec, "(no prompt)"] + [fmt_ppl(r.values.get(t)) for t in ppl])
-        for r in sorted((x for x in learned if x.compression == spec), key=lambda x: (x.train_data, x.recipe)):
-            what = f"`{r.train_source}`" + ("" if r.recipe == "paper" else f" (recipe {r.recipe})")
-            rows.append([spec, what] + [fmt_ppl(r.values.get(t)) for t in ppl])
+        for build in sorted({x.build for x in learned if x.compression == spec}):  # each build's own baseline
+            same = [x for x in runs if (x.compression, x.build) == (spec, build)]
+            for r in [x for x in same if x.kind == "none"] + sorted(
+                    (x for x in learned if x in same), key=lambda x: (x.train_data != "c4", x.train_data, x.recipe)):
+                what = "(no prompt)" if r.kind == "none" else (
+                    f"`{r.train_source}`" + ("" if r.recipe == "paper" else f" (recipe {r.recipe})"))
+                rows.append([spec_label(r, spec in several), what] + [fmt_ppl(r.values.get(t)) for t in ppl])
     return headers, rows
 
 
@@ -304,6 +307,7 @@ def direct_vs_transferred_table(runs: list[Run]) -> tuple[list[str], list[list[s
     k = main_k(runs)
     learned = [r for r in runs if r.kind == "learned" and r.k == k and r.trained_on == r.compression and not r.in_study]
     task_of = {PPL_TASKS[t].lower().replace("-", ""): t for t in _ppl_tasks(runs)}  # "wikitext2" -> ctp_wikitext2
+    several = multi_build_specs(runs)
     rows = []
     for d in sorted((r for r in learned if r.train_data != "c4" and r.train_data in task_of),
                     key=lambda r: (spec_sort_key(r.compression), r.build, r.recipe, list(task_of).index(r.train_data))):
@@ -311,7 +315,7 @@ def direct_vs_transferred_table(runs: list[Run]) -> tuple[list[str], list[list[s
         base = next((r for r in runs if r.kind == "none" and (r.compression, r.build) == (d.compression, d.build)), None)
         c4 = next((r for r in learned if r.train_data == "c4" and r.recipe == d.recipe
                    and (r.compression, r.build) == (d.compression, d.build)), None)
-        rows.append([d.compression, PPL_TASKS[task], d.recipe, f"`{d.train_source}`",
+        rows.append([spec_label(d, d.compression in several), PPL_TASKS[task], d.recipe, f"`{d.train_source}`",
                      fmt_ppl(base.values.get(task) if base else None), fmt_ppl(d.values.get(task)),
                      fmt_ppl(c4.values.get(task) if c4 else None)])
     if not rows:

@@ -220,9 +220,14 @@ def main_k(runs: list[Run]) -> int:
     return max(set(ks), key=lambda k: (ks.count(k), k == 100, k))
 
 
+def spec_label(run: Run, show_build: bool = False) -> str:
+    """The run's compression; `show_build` names the compressed model's build (where a spec has more than one)."""
+    return f"{run.compression} [build {run.build or 'earlier'}]" if show_build else run.compression
+
+
 def label(run: Run, show_build: bool = False) -> str:
     """Row label; `show_build` names the compressed model's build (where a spec has more than one)."""
-    spec = f"{run.compression} [build {run.build or 'earlier'}]" if show_build else run.compression
+    spec = spec_label(run, show_build)
     base = "dense" if run.kind == "dense" else f"{spec}, {KIND_LABEL[run.kind]}"
     if run.kind == "learned":
         recipe = "" if run.recipe == "paper" else f", recipe {run.recipe}"
