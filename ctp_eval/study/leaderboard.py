@@ -291,9 +291,9 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
     rows = []
     for spec in sorted(specs, key=spec_sort_key):
         for build in sorted({x.build for x in learned if x.compression == spec}):  # each build's own baseline
-            same = [x for x in runs if (x.compression, x.build) == (spec, build)]
-            for r in [x for x in same if x.kind == "none"] + sorted(
-                    (x for x in learned if x in same), key=lambda x: (x.train_data != "c4", x.train_data, x.recipe)):
+            base = [x for x in runs if x.kind == "none" and (x.compression, x.build) == (spec, build)]
+            prompts = [x for x in learned if (x.compression, x.build) == (spec, build)]
+            for r in base + sorted(prompts, key=lambda x: (x.train_data != "c4", x.train_data, x.recipe)):
                 what = "(no prompt)" if r.kind == "none" else (
                     f"`{r.train_source}`" + ("" if r.recipe == "paper" else f" (recipe {r.recipe})"))
                 rows.append([spec_label(r, spec in several), what] + [fmt_ppl(r.values.get(t)) for t in ppl])
