@@ -433,3 +433,17 @@ def test_training_data_tables_keep_each_build_under_its_own_baseline(tmp_path):
     assert rows[2][2:] == ["60.00", "60.00"] and rows[4][2:] == ["57.00", "40.00"]
     _, rows = direct_vs_transferred_table(runs)
     assert rows == [["sparsegpt:0.5 [build bbbb]", "PTB", "paper", "`ptb-train`", "60.00", "40.00", "55.00"]]
+
+
+def test_baseline_is_the_no_prompt_row_of_the_same_model_spec_and_build(tmp_path):
+    from ctp_eval.study.runs import baseline
+
+    d = tmp_path / "results"
+    write_result(d, "none-a", compression="gptq:w4", build="aaaa", ppl={"ctp_c4": 50.0})
+    write_result(d, "none-b", compression="gptq:w4", build="bbbb", ppl={"ctp_c4": 60.0})
+    write_result(d, "none-other", compression="gptq:w4", build="bbbb", model="other", ppl={"ctp_c4": 70.0})
+    write_result(d, "prompt-b", compression="gptq:w4", build="bbbb", prompt="p.safetensors", k=100, ppl={"ctp_c4": 40.0})
+    write_result(d, "prompt-c", compression="gptq:w4", build="cccc", prompt="p.safetensors", k=100, ppl={"ctp_c4": 45.0})
+    runs = {(r.model, r.build, r.kind): r for r in load_runs([d])}
+    assert baseline(list(runs.values()), runs["tiny", "bbbb", "learned"]).values["ctp_c4"] == 60.0
+    assert baseline(list(runs.values()), runs["tiny", "cccc", "learned"]) is None  # no row of its build: no gap

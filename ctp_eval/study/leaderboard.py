@@ -26,6 +26,7 @@ from ctp_eval.study.runs import (  # noqa: F401
     PPL_TASKS,
     MCScore,
     Run,
+    baseline,
     label,
     load_runs,
     main_k,
@@ -174,8 +175,7 @@ def external_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
                + ["gap recovered % (" + " / ".join(PPL_TASKS[t] for t in ppl) + ")"])
     rows = []
     for r in rows_runs:
-        base = next((x for x in rows_runs if x.kind == "none" and (x.model, x.compression, x.build)
-                     == (r.model, r.compression, r.build)), None)
+        base = baseline(rows_runs, r)
         gaps = ""
         if r.kind != "none" and base and dense:
             gaps = gap_text(base, r, dense, ppl)
@@ -203,8 +203,8 @@ def prompt_vs_lora_table(runs: list[Run], costs: list[TrainCost]) -> tuple[list[
     blocks = []  # per (spec, build): its no-prompt row, and the rows shown under it
     for spec, build in groups:
         same = [r for r in runs if (r.compression, r.build) == (spec, build)
-                and (r.kind == "none" or (r.trained_on == spec and not r.in_study))]
-        base = next((r for r in same if r.kind == "none"), None)
+                and r.kind != "none" and r.trained_on == spec and not r.in_study]
+        base = baseline(runs, same[0])
         blocks.append((spec, base, ([base] if base else []) + [
             r for r in same if r.kind == "lora" or (r.kind == "learned" and r.train_data == "c4" and r.k == k)]))
     # multiple choice: the subsets these rows were scored on (not necessarily the main table's)
@@ -291,9 +291,9 @@ def dataset_transfer_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]
     rows = []
     for spec in sorted(specs, key=spec_sort_key):
         for build in sorted({x.build for x in learned if x.compression == spec}):  # each build's own baseline
-            base = [x for x in runs if x.kind == "none" and (x.compression, x.build) == (spec, build)]
             prompts = [x for x in learned if (x.compression, x.build) == (spec, build)]
-            for r in base + sorted(prompts, key=lambda x: (x.train_data != "c4", x.train_data, x.recipe)):
+            base = baseline(runs, prompts[0])
+            for r in ([base] if base else []) + sorted(prompts, key=lambda x: (x.train_data != "c4", x.train_data, x.recipe)):
                 what = "(no prompt)" if r.kind == "none" else (
                     f"`{r.train_source}`" + ("" if r.recipe == "paper" else f" (recipe {r.recipe})"))
                 rows.append([spec_label(r, spec in several), what] + [fmt_ppl(r.values.get(t)) for t in ppl])
@@ -312,7 +312,7 @@ def direct_vs_transferred_table(runs: list[Run]) -> tuple[list[str], list[list[s
     for d in sorted((r for r in learned if r.train_data != "c4" and r.train_data in task_of),
                     key=lambda r: (spec_sort_key(r.compression), r.build, r.recipe, list(task_of).index(r.train_data))):
         task = task_of[d.train_data]
-        base = next((r for r in runs if r.kind == "none" and (r.compression, r.build) == (d.compression, d.build)), None)
+        base = baseline(runs, d)
         c4 = next((r for r in learned if r.train_data == "c4" and r.recipe == d.recipe
                    and (r.compression, r.build) == (d.compression, d.build)), None)
         rows.append([spec_label(d, d.compression in several), PPL_TASKS[task], d.recipe, f"`{d.train_source}`",
@@ -360,7 +360,7 @@ def recipe_study_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | N
 
     for r in sorted(cells, key=order):
         a = r.recipe_args
-        base = next((x for x in runs if x.kind == "none" and x.compression == r.compression and x.build == r.build), None)
+        base = baseline(runs, r)
         tokens = a.get("steps", 0) * a.get("batch_size", 0) * a.get("seqlen", 0)
         loss = str(a.get("loss", "?")) + (f" (top-{a['teacher_topk']} cached)" if a.get("teacher_topk") else "")
         method = f"prompt (k={r.k})" if r.kind == "learned" else "LoRA"

@@ -239,6 +239,13 @@ def label(run: Run, show_build: bool = False) -> str:
     return base
 
 
+def baseline(runs: list[Run], run: Run) -> Run | None:
+    """The no-prompt row of `run`'s own compressed build (same model, spec and build): what its gap is measured
+    against. Another build of the same spec (a rebuild on another machine) has its own baseline."""
+    return next((r for r in runs if r.kind == "none"
+                 and (r.model, r.compression, r.build) == (run.model, run.compression, run.build)), None)
+
+
 def multi_build_specs(runs: list[Run]) -> set[str]:
     """Specs evaluated on more than one build of their compressed model."""
     return {r.compression for r in runs if len({x.build for x in runs if x.compression == r.compression}) > 1}
