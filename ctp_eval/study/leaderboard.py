@@ -486,12 +486,15 @@ def render_markdown(runs: list[Run], title: str, plots: list[tuple[str, str]] = 
     direct = direct_vs_transferred_table(runs)
     if direct:
         out += ["", "## Direct vs transferred prompts", "",
-                "Perplexity on each target dataset's test set (the shards above): without a prompt, with a prompt "
-                "trained on that dataset, and with the prompt trained on C4 by the same recipe.", "",
+                "The paper's Table 2. Perplexity on each target dataset's test set (the shards above): without a "
+                "prompt, with a prompt trained on that dataset (direct), and with the prompt trained on C4 by the same "
+                "recipe (transferred).", "",
                 _table(*direct), ""]
     data_t = dataset_transfer_table(runs)
     if data_t:
-        out += ["", "## Transfer across training data", "", _table(*data_t), ""]
+        out += ["", "## Transfer across training data", "",
+                "Each prompt scored on every test set: a prompt learned on one corpus applied to the others (the "
+                "paper's Table 6), beside the no-prompt row of its build.", "", _table(*data_t), ""]
     abl = length_ablation_table(runs)
     if abl:
         out += ["", "## Prompt length", "", _table(*abl), ""]
