@@ -87,6 +87,18 @@ def test_protocol_nll_rejects_misaligned_logits():
         ppl.protocol_nll(lambda ids: torch.zeros(ids.shape[0], ids.shape[1] + 1, 7), torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_window_nlls_score_half_precision_logits_in_float32_per_window():
+    """bf16 logits, batched: each window's NLL equals a float64 log-softmax of its logits taken at face value."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 6, 11, generator=gen)).to(torch.bfloat16)  # (B, T, V)
+    wins = torch.randint(0, 11, (3, 6), generator=gen)
+    batches = iter([logits[:2], logits[2:]])  # what the model returns for windows 0-1, then window 2
+    got = ppl.window_nlls(lambda ids: next(batches), wins, batch_size=2)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    want = [-logp[w, torch.arange(5), wins[w, 1:]].sum().item() for w in range(3)]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 def _fake_lm(model, tokenizer, max_length=128):
     """The four members score_protocol_requests uses, as HFLM provides them."""
     return SimpleNamespace(
