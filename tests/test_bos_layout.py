@@ -213,3 +213,49 @@ def test_trained_prompt_records_and_is_scored_in_its_layout(bos_dir, tmp_path):
     got = [ll for ll, _ in lm.loglikelihood(ll_requests())]
     want = [embeds_reference(lm.model, tok, prompt.embeds, c, x) for c, x in zip(CONTEXTS, CONTINUATIONS)]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_perplexity_windows_get_bos_with_and_without_a_prompt(bos_dir, tmp_path):
+    """The ctp_* perplexity protocol: every window is [BOS][window] without a prompt and [BOS][prompt][window] with
+    an "after-bos" one, so the two rows differ only by the prompt; the same tokens are scored either way."""
+    from types import SimpleNamespace
+
+    from ctp_eval.eval import ppl
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(_CORPUS[:40]), encoding="utf-8")
+    seqlen = 24
+    spec = {"corpus": str(corpus), "split": "test", "data_dir": "", "source": "tiny", "seqlen": seqlen, "n_shards": 2}
+    reqs = [SimpleNamespace(doc={"text": "", "ctp_ppl": {**spec, "shard": s}}) for s in range(2)]
+    prompt = prompt_with_layout(bos_dir, "after-bos")
+    path = prompt.save(tmp_path / "p.safetensors")
+
+    plain_lm, prompted_lm = ctp(bos_dir), ctp(bos_dir, prompt=str(path))
+    tok, model = plain_lm.tokenizer, plain_lm.model
+    wins = ppl.windows(torch.tensor(ids_of(tok, corpus.read_text())), seqlen)
+    embed = model.get_input_embeddings()
+
+    def reference(prefix_rows) -> tuple[float, float]:
+        """(NLL of positions 1..T-1 of every window after [BOS][prefix_rows], the same with nothing in front)."""
+        with_bos = without = 0.0
+        for w in wins:
+            with torch.no_grad():
+                rows = [embed(torch.tensor([[tok.bos_token_id]]))]
+                rows += [prefix_rows.unsqueeze(0)] if prefix_rows is not None else []
+                p = sum(r.shape[1] for r in rows)
+                logits = model(inputs_embeds=torch.cat(rows + [embed(w.unsqueeze(0))], 1)).logits[0, p:]
+                bare = model(input_ids=w.unsqueeze(0)).logits[0]
+            with_bos += F.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
+            without += F.cross_entropy(bare[:-1], w[1:], reduction="sum").item()
+        return with_bos, without
+
+    for lm, rows in ((plain_lm, None), (prompted_lm, prompt.embeds)):
+        out = ppl.score_protocol_requests(lm, reqs)
+        nll, n = -sum(o[0] for o in out), sum(o[1] for o in out)
+        want, no_bos = reference(rows)
+        assert n == len(wins) * (seqlen - 1)
+        assert nll == pytest.approx(want, rel=1e-5)
+        assert nll != pytest.approx(no_bos, rel=1e-4)  # BOS changes this model's scores, so a window without fails
+    # perplexity(), the training-time route, puts BOS in front the same way
+    direct = ppl.perplexity(model, tok, name=str(corpus), seqlen=seqlen)
+    assert direct.nll_sum == pytest.approx(reference(None)[0], rel=1e-5)

@@ -78,3 +78,19 @@ def test_ppl_past_the_sliding_window_matches_ctp(vllm_lm, ctp_lm):
     (ours,), (ref,) = vllm_lm.loglikelihood_rolling(reqs), ctp_lm.loglikelihood_rolling(reqs)
     assert ours[1] == ref[1] and ref[1] >= 1023  # at least one whole 1,024-token window: past the 512-token layers
     assert math.exp(-ours[0] / ours[1]) == pytest.approx(math.exp(-ref[0] / ref[1]), rel=1e-3)
+
+
+def test_ppl_without_a_prompt_puts_bos_in_front_like_ctp(gemma_dir):
+    """No prefix at all: both backends score [BOS][window] (this tokenizer adds BOS), the same tokens."""
+    from ctp_eval.data import corpus_source
+    from ctp_eval.eval.lm import CTPLM
+    from ctp_eval.eval.vllm_lm import CTPVLLM
+
+    spec = {"corpus": "wikitext2", "split": "test", "data_dir": "", "seqlen": 256, "n_shards": 800,
+            "source": corpus_source("wikitext2", "test"), "shard": 0}
+    reqs = requests("loglikelihood_rolling", [("protocol",)], [{"ctp_ppl": spec}])
+    plain_vllm = CTPVLLM(pretrained="gemma3-270m", dtype="float32", max_model_len=512, seed=0)
+    plain_ctp = CTPLM(pretrained="gemma3-270m", dtype="float32", device="cpu", batch_size=1, max_length=512)
+    (ours,), (ref,) = plain_vllm.loglikelihood_rolling(reqs), plain_ctp.loglikelihood_rolling(reqs)
+    assert ours[1] == ref[1] == 255
+    assert math.exp(-ours[0] / ours[1]) == pytest.approx(math.exp(-ref[0] / ref[1]), rel=1e-3)

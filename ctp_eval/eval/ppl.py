@@ -93,15 +93,37 @@ def protocol_nll(logits_fn, windows: torch.Tensor, batch_size: int = 1, progress
     return PPLResult(nll_sum=nll_sum, n_tokens=nw * (seqlen - 1), n_windows=nw, seqlen=seqlen)
 
 
-def model_logits_fn(model, prompt: torch.Tensor | None = None):
-    """logits_fn for a HF causal LM, with an optional (k, d) soft prompt prepended to every window."""
+def window_lead(tokenizer, add_bos_token: bool | None = None, prefix_has_bos: bool = False) -> list[int]:
+    """Token ids put in front of every window and never scored: BOS where the model's real inputs start with one
+    (`prompt.layout.tokenizer_adds_bos`, the rule that puts a prompt after BOS) and no prefix already brings it.
+
+    Rows without a prompt then see what rows with an "after-bos" prompt see, minus the prompt: BOS-dependent
+    models (Gemma) score far worse on windows that start mid-text without it, which a prompt would otherwise be
+    credited with recovering."""
+    from ctp_eval.prompt.layout import tokenizer_adds_bos
+
+    if prefix_has_bos or tokenizer is None or not tokenizer_adds_bos(tokenizer, add_bos_token):
+        return []
+    return [tokenizer.bos_token_id]
+
+
+def with_lead(ids: torch.Tensor, lead: list[int]) -> torch.Tensor:
+    """(B, T) ids -> (B, len(lead) + T): the same lead ids in front of every row."""
+    if not lead:
+        return ids
+    return torch.cat([torch.tensor(lead, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1), ids], dim=1)
+
+
+def model_logits_fn(model, prompt: torch.Tensor | None = None, lead: list[int] = ()):
+    """logits_fn for a HF causal LM, with an optional (k, d) soft prompt (the whole prefix, BOS included for an
+    "after-bos" prompt) prepended to every window; without one, the `lead` ids (`window_lead`) go in front."""
     device = next(model.parameters()).device
     prefix = None  # the prompt's per-layer keys/values, computed once (prompt-aware attention)
 
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         nonlocal prefix
         if prompt is None:
-            return model(input_ids=ids.to(device)).logits
+            return model(input_ids=with_lead(ids, list(lead)).to(device)).logits[:, len(lead):]
         from ctp_eval.eval import prefix_attention
 
         if prefix is None:  # window_nlls runs under no_grad, so the prefix carries no graph
@@ -138,7 +160,8 @@ def perplexity(
     was_training = model.training
     model.eval()  # dropout off: perplexity is a deterministic measurement
     try:
-        result = protocol_nll(model_logits_fn(model, prompt), wins, batch_size=batch_size, progress=progress)
+        lead = window_lead(tokenizer) if prompt is None else []
+        result = protocol_nll(model_logits_fn(model, prompt, lead), wins, batch_size=batch_size, progress=progress)
     finally:
         model.train(was_training)
     result.source = data.corpus_source(name, split, data_dir)
@@ -201,14 +224,17 @@ def score_protocol_requests(lm, requests, window_nlls_fn=None) -> list[tuple[flo
     """
     from ctp_eval import data
 
+    # An lm whose prefix absorbs a leading BOS ("after-bos" prompt) already puts BOS in front of every window.
+    lead = window_lead(getattr(lm, "tokenizer", None), getattr(lm, "add_bos_token", None),
+                       prefix_has_bos=getattr(lm, "absorb_id", None) is not None)
     streams: dict[tuple, torch.Tensor] = {}  # tokenize each corpus once per call, not once per shard
     by_seqlen: dict[int, list[tuple[int, torch.Tensor]]] = {}  # seqlen -> [(request index, (n, seqlen) windows)]
     for i, req in enumerate(requests):
         spec = req.doc["ctp_ppl"]
         seqlen = int(spec["seqlen"])
-        if seqlen > lm.max_length:
+        if seqlen + len(lead) > lm.max_length:
             raise ValueError(
-                f"ctp_ppl seqlen={seqlen} exceeds the model's usable length {lm.max_length} "
+                f"ctp_ppl seqlen={seqlen}{' + BOS' if lead else ''} exceeds the model's usable length {lm.max_length} "
                 "(model window minus prompt length); lower the task's ppl_seqlen"
             )
         key = (spec["corpus"], spec["split"], spec.get("data_dir") or None)
@@ -230,10 +256,11 @@ def score_protocol_requests(lm, requests, window_nlls_fn=None) -> list[tuple[flo
         owners = [i for i, w in parts for _ in range(len(w))]
         all_wins = torch.cat([w for _, w in parts])
         if window_nlls_fn is not None:  # a backend without logits (vLLM) scores whole windows itself
-            per_window = window_nlls_fn(all_wins)
+            per_window = window_nlls_fn(all_wins, lead)
         else:
-            bs = protocol_batch_size(lm, seqlen)
-            per_window = window_nlls(lambda x: lm._model_call(x.to(device)), all_wins, batch_size=bs, progress=True)
+            bs = protocol_batch_size(lm, seqlen + len(lead))
+            per_window = window_nlls(lambda x: lm._model_call(with_lead(x, lead).to(device))[:, len(lead):], all_wins,
+                                     batch_size=bs, progress=True)
         for i, value in zip(owners, per_window):
             nll[i] += value
             n_tok[i] += seqlen - 1

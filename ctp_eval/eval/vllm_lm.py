@@ -178,14 +178,15 @@ class CTPVLLM(VLLM):
             requests, lambda reqs: ppl.score_protocol_requests(self, reqs, window_nlls_fn=self.window_nlls),
             lambda reqs: super(CTPVLLM, self).loglikelihood_rolling(reqs, disable_tqdm=disable_tqdm))
 
-    def window_nlls(self, windows: torch.Tensor) -> list[float]:
-        """NLL (nats) of positions 1..T-1 of each (nw, T) window, prompt in front: ppl.window_nlls's unit of
-        work, from vLLM's prompt logprobs (every token's own log-prob is among them)."""
-        rows = windows.tolist()
+    def window_nlls(self, windows: torch.Tensor, lead: list[int] = ()) -> list[float]:
+        """NLL (nats) of positions 1..T-1 of each (nw, T) window, prompt (or the unscored `lead` ids,
+        `ppl.window_lead`) in front: ppl.window_nlls's unit of work, from vLLM's prompt logprobs (every token's own
+        log-prob is among them)."""
+        rows = [list(lead) + w for w in windows.tolist()]
         out = []
         for ids, res in zip(rows, self._model_generate(rows), strict=True):
             lps = res.prompt_logprobs
-            out.append(-math.fsum(logprob_value(lps[t][tok]) for t, tok in enumerate(ids) if t > 0))
+            out.append(-math.fsum(logprob_value(lps[t][tok]) for t, tok in enumerate(ids) if t > len(lead)))
         return out
 
     def get_model_info(self) -> dict:

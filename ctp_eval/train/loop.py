@@ -317,7 +317,9 @@ def _val_ppl(tuner, tokenizer, cfg: TrainConfig, dist) -> float:
     wins = wins[: cfg.val_windows]
     lo, hi = ppl.shard_bounds(len(wins), dist.world, dist.rank)
     tuner.eval_model.eval()
-    res = ppl.protocol_nll(ppl.model_logits_fn(tuner.eval_model, tuner.eval_prompt), wins[lo:hi], batch_size=batch)
+    lead = ppl.window_lead(tokenizer) if tuner.eval_prompt is None else []  # LoRA: no prefix, BOS as in perplexity()
+    res = ppl.protocol_nll(ppl.model_logits_fn(tuner.eval_model, tuner.eval_prompt, lead), wins[lo:hi],
+                           batch_size=batch)
     total = torch.tensor([res.nll_sum], dtype=torch.float64, device=dist.device)
     torch.distributed.all_reduce(total)
     return math.exp(total.item() / (len(wins) * (cfg.val_seqlen - 1)))
