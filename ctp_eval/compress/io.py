@@ -343,7 +343,8 @@ def compute_kernels(device) -> str:
     GPTQ / SparseGPT builds are reproducible on one kernel set but not across them (an AVX-512 CPU rounds
     differently from an AVX2 one, a GPU's kernels likely differ too, and low-bit solves amplify that):
     recorded so that a rebuild that does not match its build id can say why. On CPU,
-    `ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2` lets an AVX-512 machine rebuild an AVX2 machine's compression.
+    `ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2` let one AVX-512 machine rebuild an AVX2 machine's compression, but
+    not another (docs/compression.md).
     """
     device = torch.device(device)
     if device.type == "cuda":
